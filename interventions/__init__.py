@@ -1,1 +1,52 @@
+"""The mechanism: directions, sites, pure operators, intervention specs and the hook runtime."""
 
+from .direction import (
+    Direction,
+    DirectionError,
+    load_directions,
+    load_plain_tensor,
+    load_sae_decoder_rows,
+    save_directions,
+)
+from .operators import OPERATORS, add, clamp, mean_ablate, project_out, projection
+from .runtime import InterventionSet, TokenContext, unpack_output
+from .sites import (
+    SITE_KINDS,
+    decoder_layers,
+    hidden_size,
+    register_architecture,
+    registered_model_types,
+    resolve_layers,
+    site_module,
+    unwrap_model,
+)
+from .spec import Intervention, Schedule, SpecError
+
+__all__ = [
+    "Direction",
+    "DirectionError",
+    "load_directions",
+    "load_plain_tensor",
+    "load_sae_decoder_rows",
+    "save_directions",
+    "OPERATORS",
+    "add",
+    "clamp",
+    "mean_ablate",
+    "project_out",
+    "projection",
+    "InterventionSet",
+    "TokenContext",
+    "unpack_output",
+    "SITE_KINDS",
+    "decoder_layers",
+    "hidden_size",
+    "register_architecture",
+    "registered_model_types",
+    "resolve_layers",
+    "site_module",
+    "unwrap_model",
+    "Intervention",
+    "Schedule",
+    "SpecError",
+]

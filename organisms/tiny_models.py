@@ -29,8 +29,12 @@ TINY_CONFIGS: dict[str, dict] = {
     "phi3": dict(_COMMON),
     "olmo2": dict(_COMMON),
     "gpt_neox": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=256, tie_word_embeddings=False,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
     ),
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, tie_word_embeddings=False),
 }

@@ -1,0 +1,326 @@
+"""InterventionSet: the runtime that puts interventions into a model through forward hooks.
+
+One named hook per site module, registered once (``attach`` / context manager) and switched by phase,
+so a training loop never adds and removes hooks per step. It owns only its own handles and removes
+them in ``finally``; foreign hooks (PEFT's, a user's) are never touched. Hooks are pure functions of
+their inputs and of state set before the forward (phase, masks, coefficients), so gradient
+checkpointing's recompute sees the same computation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import operators
+from .direction import Direction, DirectionError
+from .sites import decoder_layers, hidden_size, resolve_layers, site_module
+from .spec import Intervention, SpecError
+
+
+def unpack_output(output):
+    """Split a block output into (hidden tensor, repack function): tensor, tuple/list, or ModelOutput."""
+    if isinstance(output, torch.Tensor):
+        return output, lambda h: h
+    if isinstance(output, (tuple, list)):
+        rest = output[1:]
+        return output[0], lambda h: type(output)((h, *rest))
+    if hasattr(output, "keys") and hasattr(output, "__getitem__"):
+        key = next(iter(output.keys()))
+
+        def repack(h):
+            output[key] = h
+            return output
+
+        return output[key], repack
+    raise TypeError(f"Cannot find the hidden states in a block output of type {type(output).__name__}.")
+
+
+@dataclass
+class _BoundOp:
+    """One intervention at one layer, with its tensors resolved for this model."""
+
+    spec: Intervention
+    layer: int
+    vectors: torch.Tensor  # [k, d]; orthonormal for projection operators
+    basis: torch.Tensor  # orthonormal basis used for diagnostics
+    mean: torch.Tensor | None
+    coefficient: float
+    _cache: dict = field(default_factory=dict)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if device not in self._cache:
+            mean = None if self.mean is None else self.mean.to(device)
+            self._cache[device] = (self.vectors.to(device), self.basis.to(device), mean)
+        return self._cache[device]
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        U, _, mean = self.on(h.device)
+        a, op = self.coefficient, self.spec.operator
+        if op == "project_out":
+            return operators.project_out(h, U, a)
+        if op == "mean_ablate":
+            return operators.mean_ablate(h, U, mean, a)
+        if op == "clamp":
+            return operators.clamp(h, U, self.spec.value, a)
+        return operators.add(h, U, a)
+
+
+@dataclass
+class TokenContext:
+    """Per-batch token masks the trainer (or generation helper) sets before a forward.
+
+    ``generating``: during cached generation, a pass over more than one position is the prompt prefill
+    and a one-position pass is a newly generated (completion) token.
+    """
+
+    attention_mask: torch.Tensor | None = None
+    completion_mask: torch.Tensor | None = None
+    generating: bool = False
+
+    def mask(self, tokens: str, h: torch.Tensor) -> torch.Tensor | None:
+        if tokens == "all":
+            return None
+        B, T = h.shape[0], h.shape[1]
+        if self.generating:
+            if T == 1:
+                return torch.full((B, 1), tokens == "completion", device=h.device)
+            prompt = (
+                self.attention_mask[:, -T:].bool()
+                if self.attention_mask is not None
+                else torch.ones(B, T, dtype=torch.bool, device=h.device)
+            )
+            return prompt if tokens == "prompt" else torch.zeros_like(prompt)
+        if self.completion_mask is None:
+            raise RuntimeError(
+                f"An intervention with tokens={tokens!r} ran without a completion mask. Inside keel trainers "
+                "this comes from the batch's labels; elsewhere call InterventionSet.set_batch(labels=...)."
+            )
+        completion = self.completion_mask.to(h.device)
+        if completion.shape != (B, T):
+            raise RuntimeError(
+                f"Completion mask of shape {tuple(completion.shape)} does not match activations [{B}, {T}]; "
+                "set_batch() was given a different batch than the model is running on."
+            )
+        if tokens == "completion":
+            return completion
+        prompt = ~completion
+        if self.attention_mask is not None:
+            prompt = prompt & self.attention_mask.to(h.device).bool()
+        return prompt
+
+
+class InterventionSet:
+    """Interventions resolved against one model, attached as forward hooks while in use.
+
+    Usage::
+
+        iset = InterventionSet(model, [Intervention("project_out", "dir.safetensors", layers=[12])])
+        with iset, iset.phase("train"):
+            loss = model(**batch).loss
+    """
+
+    def __init__(
+        self, model: nn.Module, interventions: Sequence[Intervention | dict], layers_path: str | None = None
+    ):
+        self.model = model
+        self.layers_path = layers_path
+        self.interventions = [Intervention.from_dict(i) for i in interventions]
+        names = [i.name for i in self.interventions]
+        if len(set(names)) != len(names):
+            raise SpecError(f"Intervention names must be unique (got {names}); set `name` on each.")
+        self.context = TokenContext()
+        self._phase: str | None = None
+        self._handles: list = []
+        self._depth = 0
+        self.step = 0
+        self._ops_by_site: dict[tuple[str, int], list[_BoundOp]] = {}
+        self._stats: dict[str, dict[str, torch.Tensor | int]] = {}
+        self._resolve()
+
+    # --- construction ------------------------------------------------------------------------------
+    def _resolve(self) -> None:
+        num_layers = len(decoder_layers(self.model, self.layers_path))
+        d_model = hidden_size(self.model)
+        for spec in self.interventions:
+            layer_spec = spec.layers if spec.layers is not None else spec.default_layers()
+            layers = resolve_layers(layer_spec, num_layers)
+            for layer, direction in spec.directions_by_layer(layers).items():
+                try:
+                    direction.validate(d_model)
+                except DirectionError as err:
+                    raise DirectionError(f"Intervention {spec.name!r} at layer {layer}: {err}") from None
+                vectors, mean = _prepare(spec, direction)
+                basis = vectors if spec.operator != "add" else direction.orthonormalized().vectors
+                op = _BoundOp(spec, layer, vectors, basis, mean, spec.coefficient_at(0))
+                self._ops_by_site.setdefault((spec.site, layer), []).append(op)
+
+    @property
+    def ops(self) -> list[_BoundOp]:
+        return [op for ops in self._ops_by_site.values() for op in ops]
+
+    def phases(self) -> set[str]:
+        return {p for spec in self.interventions for p in spec.phases}
+
+    # --- lifetime ----------------------------------------------------------------------------------
+    def attach(self) -> InterventionSet:
+        """Register the hooks (idempotent: nested use keeps one set of hooks)."""
+        self._depth += 1
+        if self._depth > 1:
+            return self
+        try:
+            for (kind, layer), ops in self._ops_by_site.items():
+                module = site_module(self.model, kind, layer, self.layers_path)
+                if kind == "resid_pre":
+                    handle = module.register_forward_pre_hook(self._make_pre_hook(ops), with_kwargs=True)
+                else:
+                    handle = module.register_forward_hook(self._make_hook(ops))
+                self._handles.append(handle)
+        except BaseException:
+            self.detach(force=True)
+            raise
+        return self
+
+    def detach(self, force: bool = False) -> None:
+        """Remove exactly the handles this set registered."""
+        self._depth = 0 if force else max(self._depth - 1, 0)
+        if self._depth == 0:
+            while self._handles:
+                self._handles.pop().remove()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> InterventionSet:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    @contextlib.contextmanager
+    def phase(self, name: str | None) -> Iterator[None]:
+        """Switch the interventions of phase ``name`` on for the block (None: all off)."""
+        previous, self._phase = self._phase, name
+        try:
+            yield
+        finally:
+            self._phase = previous
+
+    @property
+    def current_phase(self) -> str | None:
+        return self._phase
+
+    # --- per-batch / per-step state ----------------------------------------------------------------
+    def set_batch(
+        self, attention_mask=None, labels=None, completion_mask=None, generating: bool = False
+    ) -> None:
+        """Token masks for the next forward: completion = ``labels != -100`` unless given directly."""
+        if completion_mask is None and labels is not None:
+            completion_mask = labels != -100
+        self.context = TokenContext(attention_mask, completion_mask, generating)
+
+    def set_step(self, step: int) -> None:
+        """Move scheduled coefficients to training step ``step``."""
+        self.step = step
+        for op in self.ops:
+            op.coefficient = op.spec.coefficient_at(step)
+
+    # --- hooks -------------------------------------------------------------------------------------
+    def _active(self, op: _BoundOp) -> bool:
+        return self._phase is not None and self._phase in op.spec.phases and op.coefficient != 0.0
+
+    def _run_ops(self, ops: list[_BoundOp], h: torch.Tensor) -> torch.Tensor | None:
+        changed = False
+        for op in ops:
+            if not self._active(op):
+                continue
+            mask = self.context.mask(op.spec.tokens, h)
+            new = op.apply(h)
+            if mask is not None:
+                new = torch.where(mask.unsqueeze(-1), new, h)
+            self._record(op, h, new, mask)
+            h, changed = new, True
+        return h if changed else None
+
+    def _make_hook(self, ops):
+        def hook(module, args, output):
+            h, repack = unpack_output(output)
+            new = self._run_ops(ops, h)
+            return None if new is None else repack(new)
+
+        return hook
+
+    def _make_pre_hook(self, ops):
+        def pre_hook(module, args, kwargs):
+            if args:
+                new = self._run_ops(ops, args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            new = self._run_ops(ops, kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+        return pre_hook
+
+    # --- diagnostics -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _record(self, op: _BoundOp, before: torch.Tensor, after: torch.Tensor, mask) -> None:
+        _, basis, _ = op.on(before.device)
+        p_before = operators.projection(before, basis).abs().mean(-1)
+        p_after = operators.projection(after, basis).abs().mean(-1)
+        if mask is not None:
+            m = mask.to(p_before.dtype)
+            s_before, s_after, n = (p_before * m).sum(), (p_after * m).sum(), m.sum()
+        else:
+            s_before, s_after, n = p_before.sum(), p_after.sum(), torch.tensor(float(p_before.numel()))
+        key = f"{op.spec.name}/L{op.layer}"
+        st = self._stats.setdefault(key, {"before": 0.0, "after": 0.0, "tokens": 0.0, "hits": 0})
+        st["before"] = st["before"] + s_before
+        st["after"] = st["after"] + s_after
+        st["tokens"] = st["tokens"] + n.to(s_before.device)
+        st["hits"] += 1
+
+    def pop_metrics(self, prefix: str = "interventions/") -> dict[str, float]:
+        """Mean |projection| before/after each operator and hook hits since the last call, then reset."""
+        out = {}
+        for key, st in self._stats.items():
+            tokens = float(st["tokens"])
+            if tokens > 0:
+                out[f"{prefix}{key}/proj_before"] = float(st["before"]) / tokens
+                out[f"{prefix}{key}/proj_after"] = float(st["after"]) / tokens
+            out[f"{prefix}{key}/hits"] = float(st["hits"])
+        self._stats = {}
+        return out
+
+
+def _prepare(spec: Intervention, direction: Direction) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Vectors in the form the operator needs: orthonormal rows for projection operators."""
+    if spec.operator == "add":
+        return direction.vectors, None
+    mean = direction.mean
+    if direction.k == 1:
+        norm = direction.vectors.norm()
+        vectors = direction.vectors / norm
+        mean = None if mean is None else mean / norm
+    elif direction.is_orthonormal():
+        vectors = direction.vectors
+    else:
+        if mean is not None and spec.operator == "mean_ablate":
+            raise SpecError(
+                f"Intervention {spec.name!r}: mean-ablation needs an orthonormal direction with its mean "
+                "computed on that basis; orthonormalize first (Direction.orthonormalized()) and recompute the mean."
+            )
+        vectors = direction.orthonormalized().vectors
+    if spec.operator == "mean_ablate" and mean is None:
+        raise SpecError(
+            f"Intervention {spec.name!r}: mean_ablate needs the direction's reference mean projection "
+            "(Direction.mean); extract it with a reference mean, or use project_out / clamp."
+        )
+    if spec.operator == "clamp":
+        value = torch.as_tensor(spec.value, dtype=torch.float32)
+        if value.numel() not in (1, direction.k):
+            raise SpecError(f"clamp value has {value.numel()} entries; give one or k={direction.k}.")
+    return vectors, mean

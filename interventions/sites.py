@@ -1,0 +1,165 @@
+"""Where in a model an intervention acts: sites, layer indices, and the architecture registry.
+
+Layer convention (stated once, tested against ``output_hidden_states``):
+``resid_post`` at layer ``i`` is the output of decoder layer ``i`` (0-based), which is
+``hidden_states[i + 1]`` of ``model(..., output_hidden_states=True)``; ``resid_pre`` at layer ``i`` is
+the input of decoder layer ``i`` (``hidden_states[i]``). Persona-vector files index layer 0 as the
+embeddings, so their vector ``L`` belongs to ``resid_post`` at layer ``L - 1`` here.
+
+Layers are found from ``config.model_type`` through a registry, never guessed: an unknown architecture
+gets an error that says how to register it or pass ``layers_path``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+SITE_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+
+
+@dataclass(frozen=True)
+class ArchitectureEntry:
+    """Module paths of one architecture, relative to the unwrapped causal-LM model."""
+
+    layers_path: str
+    attn_name: str = "self_attn"
+    mlp_name: str = "mlp"
+
+
+_REGISTRY: dict[str, ArchitectureEntry] = {}
+
+
+def register_architecture(
+    model_type: str, layers_path: str, attn_name: str = "self_attn", mlp_name: str = "mlp"
+) -> None:
+    """Teach keel where the decoder layers of ``model_type`` live (e.g. ``"model.layers"``)."""
+    _REGISTRY[model_type] = ArchitectureEntry(layers_path, attn_name, mlp_name)
+
+
+for _mt in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2"):
+    register_architecture(_mt, "model.layers")
+# Multimodal Gemma 3 keeps its text decoder under model.language_model.
+register_architecture("gemma3", "model.language_model.layers")
+register_architecture("gpt_neox", "gpt_neox.layers", attn_name="attention")
+register_architecture("gpt2", "transformer.h", attn_name="attn")
+
+
+def registered_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """See through DDP/accelerate (``.module``), ``torch.compile`` (``._orig_mod``) and PEFT wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module) and not hasattr(model, "config"):
+            model = model.module
+    return model
+
+
+def _get_path(root: nn.Module, path: str) -> nn.Module:
+    obj = root
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise AttributeError(part)
+        obj = getattr(obj, part)
+    return obj
+
+
+def decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.ModuleList:
+    """The model's list of decoder layers, found by ``layers_path`` or the registry."""
+    base = unwrap_model(model)
+    if layers_path is None:
+        model_type = getattr(getattr(base, "config", None), "model_type", None)
+        if model_type not in _REGISTRY:
+            raise ValueError(
+                f"Unknown model_type {model_type!r}: keel does not know where its decoder layers are. "
+                f"Register it with interventions.register_architecture({model_type!r}, 'model.layers') "
+                f"(use the dotted path of its layer list), or pass layers_path=... . "
+                f"Known model types: {', '.join(registered_model_types())}."
+            )
+        layers_path = _REGISTRY[model_type].layers_path
+    try:
+        layers = _get_path(base, layers_path)
+    except AttributeError as err:
+        raise ValueError(
+            f"layers_path {layers_path!r} not found on {type(base).__name__} (missing attribute {err}); "
+            "pass the dotted path of the decoder-layer ModuleList, e.g. 'model.layers'."
+        ) from None
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"layers_path {layers_path!r} is a {type(layers).__name__}, not a ModuleList of layers."
+        )
+    return layers
+
+
+def resolve_layers(spec: int | str | Sequence[int] | None, num_layers: int) -> list[int]:
+    """Turn ``12``, ``[3, 5]``, ``"all"``, ``"4:8"`` or ``"-1"`` into sorted valid 0-based indices."""
+    if spec is None:
+        raise ValueError("No layers given: set `layers` (an int, a list, 'all', or a range 'start:stop').")
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text == "all":
+            idx = list(range(num_layers))
+        elif ":" in text:
+            start, _, stop = text.partition(":")
+            idx = list(range(num_layers))[slice(int(start) if start else None, int(stop) if stop else None)]
+        else:
+            try:
+                idx = [int(text)]
+            except ValueError:
+                raise ValueError(
+                    f"Cannot read layers {spec!r}: use an int, a list, 'all' or 'start:stop'."
+                ) from None
+    elif isinstance(spec, int):
+        idx = [spec]
+    else:
+        idx = [int(i) for i in spec]
+    out = []
+    for i in idx:
+        j = i + num_layers if i < 0 else i
+        if not 0 <= j < num_layers:
+            raise ValueError(
+                f"Layer {i} is out of range: the model has {num_layers} decoder layers (valid 0..{num_layers - 1})."
+            )
+        out.append(j)
+    if not out:
+        raise ValueError(f"Layers {spec!r} select no layer of a {num_layers}-layer model.")
+    return sorted(set(out))
+
+
+def site_module(model: nn.Module, kind: str, layer: int, layers_path: str | None = None) -> nn.Module:
+    """The module whose forward output (or, for ``resid_pre``, input) is the site's activation."""
+    if kind not in SITE_KINDS:
+        raise ValueError(f"Unknown site {kind!r}: choose one of {', '.join(SITE_KINDS)}.")
+    layers = decoder_layers(model, layers_path)
+    (layer,) = resolve_layers(layer, len(layers))
+    block = layers[layer]
+    if kind in ("resid_pre", "resid_post"):
+        return block
+    base = unwrap_model(model)
+    entry = _REGISTRY.get(getattr(base.config, "model_type", None), ArchitectureEntry(""))
+    name = entry.attn_name if kind == "attn_out" else entry.mlp_name
+    if not hasattr(block, name):
+        raise ValueError(
+            f"Decoder layer {layer} ({type(block).__name__}) has no submodule {name!r} for site {kind!r}; "
+            "register the architecture with the right attn_name/mlp_name."
+        )
+    return getattr(block, name)
+
+
+def hidden_size(model: nn.Module) -> int:
+    config = unwrap_model(model).config
+    config = getattr(config, "text_config", None) or config
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        if hasattr(config, attr):
+            return int(getattr(config, attr))
+    raise ValueError(f"Cannot read the hidden size from {type(config).__name__}.")

@@ -1,0 +1,184 @@
+"""Intervention: a validated, serialisable description of one intervention.
+
+operator + direction + site + layers + which tokens + in which phases + coefficient (and schedule).
+It round-trips through plain dicts (YAML recipes, the W&B config); unknown keys fail loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .direction import Direction, DirectionError, load_directions
+from .operators import OPERATORS
+from .sites import SITE_KINDS
+
+TOKENS = ("all", "prompt", "completion")
+PHASES = ("train", "reference", "generate", "eval")
+SCHEDULES = ("constant", "linear_warmup", "linear_decay")
+
+
+class SpecError(ValueError):
+    """An intervention spec that cannot be used; the message names the field and the fix."""
+
+
+@dataclass
+class Schedule:
+    """How the coefficient moves over training: ``constant``, ``linear_warmup`` (0 -> coefficient over
+    ``steps``), ``linear_decay`` (coefficient -> 0 from ``start`` to ``start + steps``)."""
+
+    kind: str = "constant"
+    steps: int = 0
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise SpecError(f"Unknown schedule {self.kind!r}: choose one of {', '.join(SCHEDULES)}.")
+        if self.kind != "constant" and self.steps <= 0:
+            raise SpecError(f"Schedule {self.kind!r} needs steps > 0 (got {self.steps}).")
+
+    def factor(self, step: int) -> float:
+        if self.kind == "constant":
+            return 1.0
+        t = min(max((step - self.start) / self.steps, 0.0), 1.0)
+        return t if self.kind == "linear_warmup" else 1.0 - t
+
+
+@dataclass
+class Intervention:
+    """One intervention. ``direction`` is a path to a direction file, a :class:`Direction`, or a tensor.
+
+    ``layers``: an int, list, ``"all"`` or ``"start:stop"``; ``None`` means the direction's own layer.
+    ``direction_layer``: when the file holds one direction per layer, which one to use at every target
+    layer; by default each target layer uses the direction recorded for it.
+    ``tokens``: positions acted on: ``all`` (also padding, as CAFT does), ``prompt`` or ``completion``
+    (labels != -100; during generation: the newly generated tokens).
+    ``phases``: when it is on: ``train`` (default), ``reference`` (the reference pass of DPO/GRPO),
+    ``generate``, ``eval``.
+    """
+
+    operator: str
+    direction: Any
+    site: str = "resid_post"
+    layers: Any = None
+    tokens: str = "all"
+    phases: list[str] = field(default_factory=lambda: ["train"])
+    coefficient: float = 1.0
+    schedule: Schedule | None = None
+    value: Any = None  # clamp target (scalar or list of k)
+    components: list[int] | None = None  # rows of the direction to use
+    direction_layer: int | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.operator not in OPERATORS:
+            raise SpecError(f"Unknown operator {self.operator!r}: choose one of {', '.join(OPERATORS)}.")
+        if self.site not in SITE_KINDS:
+            raise SpecError(f"Unknown site {self.site!r}: choose one of {', '.join(SITE_KINDS)}.")
+        if self.tokens not in TOKENS:
+            raise SpecError(f"Unknown tokens {self.tokens!r}: choose one of {', '.join(TOKENS)}.")
+        if isinstance(self.phases, str):
+            self.phases = [self.phases]
+        self.phases = list(self.phases)
+        bad = [p for p in self.phases if p not in PHASES]
+        if bad or not self.phases:
+            raise SpecError(f"Unknown phases {bad or self.phases!r}: choose from {', '.join(PHASES)}.")
+        if isinstance(self.schedule, dict):
+            self.schedule = _from_dict(Schedule, self.schedule, "schedule")
+        if isinstance(self.schedule, str):
+            self.schedule = Schedule(kind=self.schedule)
+        try:
+            self.coefficient = float(self.coefficient)
+        except (TypeError, ValueError):
+            raise SpecError(f"coefficient must be a number, got {self.coefficient!r}.") from None
+        if self.operator == "clamp" and self.value is None:
+            raise SpecError("operator 'clamp' needs `value` (the projection to clamp to).")
+        if self.direction is None:
+            raise SpecError("`direction` is required: a path to a direction file, a Direction or a tensor.")
+        if self.name is None:
+            self.name = f"{self.operator}@{self.site}"
+
+    def coefficient_at(self, step: int) -> float:
+        return self.coefficient * (self.schedule.factor(step) if self.schedule else 1.0)
+
+    # --- serialisation -----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if isinstance(self.direction, Direction):
+            out["direction"] = (
+                f"<Direction {self.direction.method} k={self.direction.k} layer={self.direction.layer}>"
+            )
+        elif isinstance(self.direction, torch.Tensor):
+            out["direction"] = f"<tensor {tuple(self.direction.shape)}>"
+        elif isinstance(self.direction, Path):
+            out["direction"] = str(self.direction)
+        out["schedule"] = dataclasses.asdict(self.schedule) if self.schedule else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Intervention:
+        if isinstance(data, Intervention):
+            return data
+        if not isinstance(data, dict):
+            raise SpecError(f"An intervention spec must be a mapping, got {type(data).__name__}: {data!r}.")
+        return _from_dict(cls, data, "intervention")
+
+    # --- resolution --------------------------------------------------------------------------------
+    def directions_by_layer(self, layers: list[int]) -> dict[int, Direction]:
+        """The Direction to use at each target layer, selected components applied."""
+        candidates = self._load_candidates()
+        by_layer = {d.layer: d for d in candidates}
+        out = {}
+        for layer in layers:
+            if self.direction_layer is not None:
+                key = self.direction_layer
+                if key not in by_layer:
+                    raise SpecError(
+                        f"direction_layer={key} not in the direction file (layers {sorted(by_layer, key=str)})."
+                    )
+                d = by_layer[key]
+            elif layer in by_layer:
+                d = by_layer[layer]
+            elif len(candidates) == 1 and candidates[0].layer is None:
+                d = candidates[0]
+            else:
+                raise SpecError(
+                    f"Intervention {self.name!r} targets layer {layer}, but its direction was made for layer(s) "
+                    f"{sorted(by_layer, key=str)}. Set `layers` to match, or set `direction_layer` to apply one "
+                    "direction at other layers on purpose."
+                )
+            out[layer] = d.select(self.components) if self.components is not None else d
+        return out
+
+    def default_layers(self) -> list[int]:
+        layers = sorted(d.layer for d in self._load_candidates() if d.layer is not None)
+        if not layers:
+            raise SpecError(
+                f"Intervention {self.name!r} has no `layers` and its direction records no layer; set `layers`."
+            )
+        return layers
+
+    def _load_candidates(self) -> list[Direction]:
+        d = self.direction
+        if isinstance(d, Direction):
+            return [d]
+        if isinstance(d, torch.Tensor):
+            return [Direction(vectors=d, method="tensor")]
+        if isinstance(d, (str, Path)):
+            try:
+                return load_directions(d)
+            except (FileNotFoundError, DirectionError) as err:
+                raise SpecError(f"Intervention {self.name!r}: cannot load direction {d!r}: {err}") from None
+        raise SpecError(f"`direction` must be a path, a Direction or a tensor; got {type(d).__name__}.")
+
+
+def _from_dict(cls, data: dict, what: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SpecError(f"Unknown key(s) {unknown} in {what}; allowed keys: {', '.join(sorted(names))}.")
+    return cls(**data)
