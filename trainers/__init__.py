@@ -1,1 +1,6 @@
+"""TRL trainers with keel interventions: SFT now; DPO and GRPO reuse the same mixin."""
 
+from .mixin import InterventionTrainerMixin
+from .sft import InterventionSFTConfig, InterventionSFTTrainer
+
+__all__ = ["InterventionTrainerMixin", "InterventionSFTConfig", "InterventionSFTTrainer"]

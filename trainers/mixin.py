@@ -1,0 +1,61 @@
+"""What every keel trainer adds to its TRL parent: an InterventionSet switched on around the right passes.
+
+Only public seams are overridden (``train``, ``training_step``, ``prediction_step``, ``evaluate``,
+``log``). Hooks are registered once per ``train()``/``evaluate()`` call and switched by phase; the
+token masks come from the batch (``labels != -100`` is the completion), never from tensor indices.
+"""
+
+from __future__ import annotations
+
+from interventions import Intervention, InterventionSet
+
+
+class InterventionTrainerMixin:
+    """Mix into a TRL trainer before the trainer class: ``class X(InterventionTrainerMixin, SFTTrainer)``."""
+
+    intervention_set: InterventionSet
+
+    def _init_interventions(self, interventions) -> None:
+        specs = interventions if interventions is not None else getattr(self.args, "interventions", None)
+        layers_path = getattr(self.args, "intervention_layers_path", None)
+        self.intervention_set = InterventionSet(self.model, specs or [], layers_path=layers_path)
+
+    @property
+    def interventions(self) -> list[Intervention]:
+        return self.intervention_set.interventions
+
+    def train(self, *args, **kwargs):
+        with self.intervention_set:
+            return super().train(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        with self.intervention_set:
+            return super().evaluate(*args, **kwargs)
+
+    def _set_batch(self, inputs) -> None:
+        self.intervention_set.set_batch(
+            attention_mask=inputs.get("attention_mask"),
+            labels=inputs.get("labels"),
+            completion_mask=inputs.get("completion_mask"),
+        )
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # The backward (and gradient checkpointing's recompute) runs inside this call, so the hooks'
+        # phase and masks cover forward and backward alike.
+        self._set_batch(inputs)
+        self.intervention_set.set_step(self.state.global_step)
+        with self.intervention_set.phase("train"):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        self._set_batch(inputs)
+        with self.intervention_set.phase("eval"):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        prefix = "interventions/" if self.model.training else "eval_interventions/"
+        logs.update(self.intervention_set.pop_metrics(prefix=prefix))
+        for op in self.intervention_set.ops:
+            if op.spec.schedule is not None and self.model.training:
+                logs[f"{prefix}{op.spec.name}/L{op.layer}/coefficient"] = op.coefficient
+        super().log(logs, start_time)

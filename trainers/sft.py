@@ -1,0 +1,50 @@
+"""InterventionSFTTrainer: TRL's SFTTrainer with interventions switched on during training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import SFTConfig, SFTTrainer
+
+from interventions import Intervention
+
+from .mixin import InterventionTrainerMixin
+
+
+@dataclass
+class InterventionSFTConfig(SFTConfig):
+    """``SFTConfig`` plus the interventions to apply (a list of mappings, as in a YAML recipe)."""
+
+    interventions: list[Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Interventions to apply: a list of mappings with keys operator, direction, site, layers, "
+            "tokens, phases, coefficient, schedule, value, components, direction_layer, name."
+        },
+    )
+    intervention_layers_path: str | None = field(
+        default=None,
+        metadata={"help": "Dotted path of the decoder-layer list, for architectures keel does not know."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        # Fail at config time on unknown keys or bad values, not after the model is loaded.
+        self.interventions = [Intervention.from_dict(i) for i in (self.interventions or [])]
+
+    def to_dict(self):
+        out = super().to_dict()
+        out["interventions"] = [i.to_dict() for i in self.interventions]
+        return out
+
+
+class InterventionSFTTrainer(InterventionTrainerMixin, SFTTrainer):
+    """SFT with an :class:`interventions.InterventionSet` on the policy during training steps.
+
+    ``interventions`` (specs or mappings) overrides ``args.interventions`` when given.
+    """
+
+    def __init__(self, *args, interventions=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_interventions(interventions)
