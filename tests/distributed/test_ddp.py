@@ -1,0 +1,31 @@
+"""Two-process DDP on CPU (gloo) equals one process with the same global batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.distributed
+def test_two_process_ddp_matches_one_process(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), WANDB_MODE="disabled")
+    single, double = tmp_path / "one" / "r.pt", tmp_path / "two" / "r.pt"
+    single.parent.mkdir()
+    double.parent.mkdir()
+    subprocess.run([sys.executable, str(WORKER), str(single), "4"], check=True, env=env, cwd=ROOT, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         str(WORKER), str(double), "2"],
+        check=True, env=env, cwd=ROOT, timeout=300,
+    )
+    a, b = torch.load(single), torch.load(double)
+    assert a["world_size"] == 1 and b["world_size"] == 2
+    torch.testing.assert_close(torch.tensor(b["losses"]), torch.tensor(a["losses"]), atol=1e-4, rtol=1e-4)
+    for name, value in a["state"].items():
+        torch.testing.assert_close(b["state"][name], value, atol=1e-5, rtol=1e-4, msg=name)
