@@ -147,9 +147,9 @@ class InterventionSet:
         num_layers = len(decoder_layers(self.model, self.layers_path))
         d_model = hidden_size(self.model)
         for spec in self.interventions:
-            layer_spec = spec.layers if spec.layers is not None else spec.default_layers()
+            layer_spec = spec.layers if spec.layers is not None else spec.default_layers(d_model)
             layers = resolve_layers(layer_spec, num_layers)
-            for layer, direction in spec.directions_by_layer(layers).items():
+            for layer, direction in spec.directions_by_layer(layers, d_model).items():
                 try:
                     direction.validate(d_model)
                 except DirectionError as err:

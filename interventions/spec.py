@@ -53,6 +53,7 @@ class Intervention:
     """One intervention. ``direction`` is a path to a direction file, a :class:`Direction`, or a tensor.
 
     ``layers``: an int, list, ``"all"`` or ``"start:stop"``; ``None`` means the direction's own layer.
+    ``direction`` may also be ``"random:SEED[:K]"``: K random orthonormal rows of the model's width.
     ``direction_layer``: when the file holds one direction per layer, which one to use at every target
     layer; by default each target layer uses the direction recorded for it.
     ``tokens``: positions acted on: ``all`` (also padding, as CAFT does), ``prompt`` or ``completion``
@@ -128,9 +129,9 @@ class Intervention:
         return _from_dict(cls, data, "intervention")
 
     # --- resolution --------------------------------------------------------------------------------
-    def directions_by_layer(self, layers: list[int]) -> dict[int, Direction]:
+    def directions_by_layer(self, layers: list[int], d_model: int | None = None) -> dict[int, Direction]:
         """The Direction to use at each target layer, selected components applied."""
-        candidates = self._load_candidates()
+        candidates = self._load_candidates(d_model)
         by_layer = {d.layer: d for d in candidates}
         out = {}
         for layer in layers:
@@ -154,16 +155,18 @@ class Intervention:
             out[layer] = d.select(self.components) if self.components is not None else d
         return out
 
-    def default_layers(self) -> list[int]:
-        layers = sorted(d.layer for d in self._load_candidates() if d.layer is not None)
+    def default_layers(self, d_model: int | None = None) -> list[int]:
+        layers = sorted(d.layer for d in self._load_candidates(d_model) if d.layer is not None)
         if not layers:
             raise SpecError(
                 f"Intervention {self.name!r} has no `layers` and its direction records no layer; set `layers`."
             )
         return layers
 
-    def _load_candidates(self) -> list[Direction]:
+    def _load_candidates(self, d_model: int | None = None) -> list[Direction]:
         d = self.direction
+        if isinstance(d, str) and d.startswith("random:"):
+            return [_random_from_string(d, d_model)]
         if isinstance(d, Direction):
             return [d]
         if isinstance(d, torch.Tensor):
@@ -174,6 +177,20 @@ class Intervention:
             except (FileNotFoundError, DirectionError) as err:
                 raise SpecError(f"Intervention {self.name!r}: cannot load direction {d!r}: {err}") from None
         raise SpecError(f"`direction` must be a path, a Direction or a tensor; got {type(d).__name__}.")
+
+
+def _random_from_string(text: str, d_model: int | None) -> Direction:
+    """``random:SEED`` or ``random:SEED:K``: K orthonormal random rows (a control, or a smoke-test recipe)."""
+    from .extraction import random_direction
+
+    parts = text.split(":")[1:]
+    try:
+        seed, k = int(parts[0]), int(parts[1]) if len(parts) > 1 else 1
+    except (ValueError, IndexError):
+        raise SpecError(f"Cannot read {text!r}: write random:SEED or random:SEED:K (integers).") from None
+    if d_model is None:
+        raise SpecError(f"{text!r} needs the model's hidden size; resolve it through an InterventionSet.")
+    return random_direction(d_model, k=k, seed=seed)
 
 
 def _from_dict(cls, data: dict, what: str):

@@ -23,21 +23,36 @@ def main(out: str, per_device_batch: int) -> None:
     tokenizer = build_chat_tokenizer()
     model = tiny_model("qwen2", tokenizer=tokenizer, seed=0)
     rows = [
-        {"messages": [{"role": "user", "content": f"What is {i} plus {i % 5}?"},
-                      {"role": "assistant", "content": f"The answer is {i + i % 5}."}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i % 5}?"},
+                {"role": "assistant", "content": f"The answer is {i + i % 5}."},
+            ]
+        }
         for i in range(32)
     ]
     direction = Direction(torch.randn(2, 64, generator=torch.Generator().manual_seed(1)))
     args = InterventionSFTConfig(
         output_dir=os.path.join(os.path.dirname(out), "trainer"),
-        max_steps=4, per_device_train_batch_size=per_device_batch, learning_rate=1e-3,
-        use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no",
-        assistant_only_loss=True, gradient_checkpointing=False, seed=0, data_seed=0,
-        ddp_find_unused_parameters=False, disable_tqdm=True,
+        max_steps=4,
+        per_device_train_batch_size=per_device_batch,
+        learning_rate=1e-3,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        assistant_only_loss=True,
+        gradient_checkpointing=False,
+        seed=0,
+        data_seed=0,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=True,
         interventions=[{"operator": "project_out", "direction": direction, "layers": "all"}],
     )
-    trainer = InterventionSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                     processing_class=tokenizer)
+    trainer = InterventionSFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
     trainer.train()
     if trainer.accelerator.is_main_process:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -18,11 +18,26 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     single, double = tmp_path / "one" / "r.pt", tmp_path / "two" / "r.pt"
     single.parent.mkdir()
     double.parent.mkdir()
-    subprocess.run([sys.executable, str(WORKER), str(single), "4"], check=True, env=env, cwd=ROOT, timeout=300)
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         str(WORKER), str(double), "2"],
-        check=True, env=env, cwd=ROOT, timeout=300,
+        [sys.executable, str(WORKER), str(single), "4"], check=True, env=env, cwd=ROOT, timeout=300
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            str(WORKER),
+            str(double),
+            "2",
+        ],
+        check=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
     )
     a, b = torch.load(single), torch.load(double)
     assert a["world_size"] == 1 and b["world_size"] == 2

@@ -18,8 +18,14 @@ from interventions import (
 
 
 def test_save_load_round_trip(tmp_path):
-    d = Direction(torch.randn(3, 8), layer=4, model_id="tiny/qwen2", method="mean_diff", mean=torch.randn(3),
-                  extra={"note": "x"})
+    d = Direction(
+        torch.randn(3, 8),
+        layer=4,
+        model_id="tiny/qwen2",
+        method="mean_diff",
+        mean=torch.randn(3),
+        extra={"note": "x"},
+    )
     path = d.save(tmp_path / "dir")
     assert path.suffix == ".safetensors" and path.with_suffix(".json").exists()
     back = Direction.load(path)
@@ -88,8 +94,10 @@ def test_plain_pt_and_npy(tmp_path):
 
 def test_sae_decoder_rows(tmp_path):
     w_dec = torch.randn(32, 8)
-    save_file({"W_dec": w_dec, "W_enc": w_dec.T.contiguous(), "b_enc": torch.zeros(32), "b_dec": torch.zeros(8)},
-              str(tmp_path / "sae_weights.safetensors"))
+    save_file(
+        {"W_dec": w_dec, "W_enc": w_dec.T.contiguous(), "b_enc": torch.zeros(32), "b_dec": torch.zeros(8)},
+        str(tmp_path / "sae_weights.safetensors"),
+    )
     (tmp_path / "cfg.json").write_text(json.dumps({"hook_layer": 5, "model_name": "tiny"}))
     one = load_sae_decoder_rows(tmp_path, [7])
     assert torch.equal(one.vectors[0], w_dec[7]) and one.layer == 5 and one.extra["latents"] == [7]

@@ -111,7 +111,10 @@ def test_ablation_in_model_leaves_zero_projection_and_twice_equals_once(make_mod
     assert projection(store["h"], U.vectors).abs().max() < 1e-4
     twice = InterventionSet(
         model,
-        [Intervention("project_out", U, layers=[1], name="a"), Intervention("project_out", U, layers=[1], name="b")],
+        [
+            Intervention("project_out", U, layers=[1], name="a"),
+            Intervention("project_out", U, layers=[1], name="b"),
+        ],
     )
     torch.testing.assert_close(_logits(model, ids, twice), out_once, atol=1e-5, rtol=0)
 
@@ -121,8 +124,10 @@ def test_steering_a_then_b_equals_a_plus_b(make_model):
     ids, v = _ids(), torch.randn(D)
     two = InterventionSet(
         model,
-        [Intervention("add", v, layers=[0], coefficient=0.5, name="a"),
-         Intervention("add", v, layers=[0], coefficient=1.5, name="b")],
+        [
+            Intervention("add", v, layers=[0], coefficient=0.5, name="a"),
+            Intervention("add", v, layers=[0], coefficient=1.5, name="b"),
+        ],
     )
     one = InterventionSet(model, [Intervention("add", v, layers=[0], coefficient=2.0)])
     torch.testing.assert_close(_logits(model, ids, two), _logits(model, ids, one), atol=1e-5, rtol=0)
@@ -132,7 +137,9 @@ def test_mean_ablation_leaves_the_stored_mean(make_model):
     model = make_model().eval()
     d = Direction(torch.randn(1, D) * 3.0, mean=torch.tensor([1.5]))  # mean is on the unnormalised row
     store = {"layer": 0}
-    _logits(model, _ids(), InterventionSet(model, [Intervention("mean_ablate", d, layers=[0])]), capture=store)
+    _logits(
+        model, _ids(), InterventionSet(model, [Intervention("mean_ablate", d, layers=[0])]), capture=store
+    )
     u = d.vectors / d.vectors.norm()
     torch.testing.assert_close(
         projection(store["h"], u), torch.full((2, 7, 1), 1.5 / d.vectors.norm().item()), atol=1e-4, rtol=0
@@ -184,8 +191,9 @@ def test_completion_tokens_during_cached_generation(make_model, tokenizer):
     handle = site_module(model, "resid_post", 0).register_forward_hook(
         lambda m, a, o: seen.append(unpack_output(o)[0].shape[1])
     )
-    iset = InterventionSet(model, [Intervention("add", torch.randn(D), layers=[0], tokens="completion",
-                                                phases=["generate"])])
+    iset = InterventionSet(
+        model, [Intervention("add", torch.randn(D), layers=[0], tokens="completion", phases=["generate"])]
+    )
     with iset, iset.phase("generate"):
         iset.set_batch(attention_mask=torch.ones_like(prompt), generating=True)
         model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -199,8 +207,14 @@ def test_completion_tokens_during_cached_generation(make_model, tokenizer):
 def test_spec_round_trip_and_unknown_keys(tmp_path):
     path = save_directions([Direction(torch.randn(1, D), layer=1)], tmp_path / "d.safetensors")
     spec = Intervention.from_dict(
-        {"operator": "project_out", "direction": str(path), "layers": [1], "tokens": "completion",
-         "schedule": {"kind": "linear_warmup", "steps": 10}, "name": "caft"}
+        {
+            "operator": "project_out",
+            "direction": str(path),
+            "layers": [1],
+            "tokens": "completion",
+            "schedule": {"kind": "linear_warmup", "steps": 10},
+            "name": "caft",
+        }
     )
     assert Intervention.from_dict(spec.to_dict()) == spec
     assert spec.coefficient_at(0) == 0.0 and spec.coefficient_at(5) == 0.5 and spec.coefficient_at(50) == 1.0
@@ -225,7 +239,11 @@ def test_bad_input_errors(make_model, tmp_path):
         InterventionSet(model, [Intervention("project_out", str(path), layers=[0])])
     # the direction's own layer is the default, and direction_layer re-targets on purpose
     assert [op.layer for op in InterventionSet(model, [Intervention("add", str(path))]).ops] == [1]
-    assert [op.layer for op in InterventionSet(model, [Intervention("add", str(path), layers="all",
-                                                                    direction_layer=1)]).ops] == [0, 1]
+    assert [
+        op.layer
+        for op in InterventionSet(
+            model, [Intervention("add", str(path), layers="all", direction_layer=1)]
+        ).ops
+    ] == [0, 1]
     with pytest.raises(SpecError, match="mean_ablate needs"):
         InterventionSet(model, [Intervention("mean_ablate", torch.randn(D), layers=[0])])

@@ -29,7 +29,8 @@ def test_every_architecture_resolves_and_matches_hidden_states(model_type, make_
             lambda m, a, o: captured.__setitem__("post0", unpack_output(o)[0])
         ),
         site_module(model, "resid_pre", 1).register_forward_pre_hook(
-            lambda m, a, kw: captured.__setitem__("pre1", a[0] if a else kw["hidden_states"]), with_kwargs=True
+            lambda m, a, kw: captured.__setitem__("pre1", a[0] if a else kw["hidden_states"]),
+            with_kwargs=True,
         ),
     ]
     with torch.no_grad():

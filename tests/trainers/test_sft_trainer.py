@@ -38,7 +38,10 @@ def _direction(seed=0, k=1):
 def _train(make_model, tokenizer, dataset, tmp_path, interventions, **kw):
     model = make_model("qwen2", seed=0)
     trainer = InterventionSFTTrainer(
-        model=model, args=_config(tmp_path, **kw), train_dataset=dataset, processing_class=tokenizer,
+        model=model,
+        args=_config(tmp_path, **kw),
+        train_dataset=dataset,
+        processing_class=tokenizer,
         interventions=interventions,
     )
     trainer.train()
@@ -55,7 +58,12 @@ def test_gradient_checkpointing_modes_match_no_checkpointing(make_model, tokeniz
     params = dict(ref.model.named_parameters())
     for reentrant in (True, False):
         other = _train(
-            make_model, tokenizer, chat_dataset, tmp_path, specs, gradient_checkpointing=True,
+            make_model,
+            tokenizer,
+            chat_dataset,
+            tmp_path,
+            specs,
+            gradient_checkpointing=True,
             gradient_checkpointing_kwargs={"use_reentrant": reentrant},
         )
         torch.testing.assert_close(_losses(other), _losses(ref), atol=1e-5, rtol=1e-5)
@@ -77,8 +85,13 @@ def test_ablation_changes_training_and_logs_diagnostics(make_model, tokenizer, c
 
 def test_coefficient_zero_training_equals_plain_sft(make_model, tokenizer, chat_dataset, tmp_path):
     plain = _train(make_model, tokenizer, chat_dataset, tmp_path, [])
-    zero = _train(make_model, tokenizer, chat_dataset, tmp_path,
-                  [{"operator": "add", "direction": _direction(), "layers": "all", "coefficient": 0.0}])
+    zero = _train(
+        make_model,
+        tokenizer,
+        chat_dataset,
+        tmp_path,
+        [{"operator": "add", "direction": _direction(), "layers": "all", "coefficient": 0.0}],
+    )
     assert torch.equal(_losses(plain), _losses(zero))
     for (n, p), (_, q) in zip(plain.model.named_parameters(), zero.model.named_parameters()):
         assert torch.equal(p, q), n
@@ -92,8 +105,12 @@ def test_lora_with_checkpointing_and_ablation_trains_every_lora_parameter(
     model = make_model("llama")
     trainer = InterventionSFTTrainer(
         model=model,
-        args=_config(tmp_path, gradient_checkpointing=True, learning_rate=1e-2,
-                     interventions=[{"operator": "project_out", "direction": direction, "layers": [1]}]),
+        args=_config(
+            tmp_path,
+            gradient_checkpointing=True,
+            learning_rate=1e-2,
+            interventions=[{"operator": "project_out", "direction": direction, "layers": [1]}],
+        ),
         train_dataset=chat_dataset,
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0),
@@ -121,8 +138,13 @@ def test_exception_inside_training_leaves_no_hook(make_model, tokenizer, chat_da
         def compute_loss(self, *args, **kwargs):
             raise RuntimeError("boom in compute_loss")
 
-    trainer = Boom(model=model, args=_config(tmp_path), train_dataset=chat_dataset, processing_class=tokenizer,
-                   interventions=[{"operator": "add", "direction": _direction(), "layers": "all"}])
+    trainer = Boom(
+        model=model,
+        args=_config(tmp_path),
+        train_dataset=chat_dataset,
+        processing_class=tokenizer,
+        interventions=[{"operator": "add", "direction": _direction(), "layers": "all"}],
+    )
     with pytest.raises(RuntimeError, match="boom"):
         trainer.train()
     for layer in range(2):
@@ -138,19 +160,29 @@ class _MaskRecorder(InterventionSFTTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         out = super().training_step(model, inputs, num_items_in_batch)
         ctx = self.intervention_set.context
-        self.seen.append((inputs["input_ids"].clone(), ctx.completion_mask.clone(), inputs.get("position_ids")))
+        self.seen.append(
+            (inputs["input_ids"].clone(), ctx.completion_mask.clone(), inputs.get("position_ids"))
+        )
         return out
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
-def test_completion_masks_cover_exactly_the_assistant_tokens(make_model, tokenizer, chat_dataset, tmp_path,
-                                                            padding_free):
+def test_completion_masks_cover_exactly_the_assistant_tokens(
+    make_model, tokenizer, chat_dataset, tmp_path, padding_free
+):
     trainer = _MaskRecorder(
         model=make_model("qwen2"),
-        args=_config(tmp_path, max_steps=2, padding_free=padding_free, packing=padding_free,
-                     interventions=[{"operator": "add", "direction": _direction(), "layers": [0],
-                                     "tokens": "completion"}]),
-        train_dataset=chat_dataset, processing_class=tokenizer,
+        args=_config(
+            tmp_path,
+            max_steps=2,
+            padding_free=padding_free,
+            packing=padding_free,
+            interventions=[
+                {"operator": "add", "direction": _direction(), "layers": [0], "tokens": "completion"}
+            ],
+        ),
+        train_dataset=chat_dataset,
+        processing_class=tokenizer,
     )
     trainer.seen = []
     trainer.train()
@@ -174,7 +206,9 @@ def test_left_padding_with_completion_tokens_equals_unpadded(make_model, tokeniz
     model = make_model("qwen2").eval()
     ids = torch.tensor([[11, 12, 13, 14, 15, 16]])
     labels = torch.tensor([[-100, -100, -100, -100, 15, 16]])
-    iset = InterventionSet(model, [Intervention("add", _direction().vectors * 5, layers="all", tokens="completion")])
+    iset = InterventionSet(
+        model, [Intervention("add", _direction().vectors * 5, layers="all", tokens="completion")]
+    )
     pad = tokenizer.pad_token_id
     padded = torch.cat([torch.full((1, 3), pad), ids], 1)
     padded_labels = torch.cat([torch.full((1, 3), -100), labels], 1)
