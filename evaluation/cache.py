@@ -50,14 +50,24 @@ class JudgeCache:
                     f"SELECT key, score, label, extra FROM judgements WHERE key IN ({marks})", chunk
                 ).fetchall()
                 for key, score, label, extra in rows:
-                    found[key] = Judgement(score=score, label=label, extra={**json.loads(extra), "cached": True})
+                    found[key] = Judgement(
+                        score=score, label=label, extra={**json.loads(extra), "cached": True}
+                    )
         return found
 
     def put_many(self, items: list[tuple[str, str, str, Judgement]]) -> None:
         """Store ``(key, judge_name, metric, judgement)`` rows in one transaction."""
         now = time.time()
         rows = [
-            (key, judge, metric, j.score, j.label, json.dumps({k: v for k, v in j.extra.items() if k != "cached"}), now)
+            (
+                key,
+                judge,
+                metric,
+                j.score,
+                j.label,
+                json.dumps({k: v for k, v in j.extra.items() if k != "cached"}),
+                now,
+            )
             for key, judge, metric, j in items
         ]
         with self._lock, self._db:
@@ -106,7 +116,9 @@ class CachedJudge:
                 self.cache.put_many([(keys[i], self.name, requests[i].metric, j) for i, j in done])
                 raise
             if len(got) != len(batch):
-                raise JudgeError(f"Judge {self.name} returned {len(got)} judgements for {len(batch)} requests.")
+                raise JudgeError(
+                    f"Judge {self.name} returned {len(got)} judgements for {len(batch)} requests."
+                )
             self.cache.put_many([(keys[i], self.name, requests[i].metric, j) for i, j in zip(idx, got)])
             found.update({keys[i]: j for i, j in zip(idx, got)})
             if progress is not None:

@@ -59,7 +59,9 @@ def expand_prompts(
         n = samples_per_paraphrase or q.samples_per_paraphrase
         for p_idx, text in enumerate(q.paraphrases):
             for s_idx in range(n):
-                rows.append(Prompt(q.id, p_idx, s_idx, text, q.system if q.system is not None else system_prompt))
+                rows.append(
+                    Prompt(q.id, p_idx, s_idx, text, q.system if q.system is not None else system_prompt)
+                )
     return rows
 
 
@@ -84,7 +86,8 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def _generation_config(model, tokenizer, cfg: SamplingConfig):
+def protocol_generation_config(model, tokenizer, cfg: SamplingConfig):
+    """The model's generation config with the sampling settings of ``cfg`` and every other sampler off."""
     gen = copy.deepcopy(model.generation_config)
     greedy = cfg.temperature == 0
     gen.update(
@@ -125,8 +128,10 @@ def generate_answers(
         if tokenizer.eos_token_id is None:
             raise ValueError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
         tokenizer.pad_token = tokenizer.eos_token
-    gen_config = _generation_config(model, tokenizer, cfg)
-    eos_ids = gen_config.eos_token_id if isinstance(gen_config.eos_token_id, list) else [gen_config.eos_token_id]
+    gen_config = protocol_generation_config(model, tokenizer, cfg)
+    eos_ids = (
+        gen_config.eos_token_id if isinstance(gen_config.eos_token_id, list) else [gen_config.eos_token_id]
+    )
     device = next(model.parameters()).device
     was_training, old_side = model.training, tokenizer.padding_side
     model.eval()

@@ -13,7 +13,6 @@ import math
 import os
 import random
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -68,7 +67,9 @@ def score_from_probs(probs: Iterable[tuple[str, float]], min_mass: float = MIN_N
     return Judgement(score=weighted / mass, extra=extra)
 
 
-def score_from_logprobs(top_logprobs: Iterable[tuple[str, float]], min_mass: float = MIN_NUMBER_MASS) -> Judgement:
+def score_from_logprobs(
+    top_logprobs: Iterable[tuple[str, float]], min_mass: float = MIN_NUMBER_MASS
+) -> Judgement:
     return score_from_probs(((t, math.exp(lp)) for t, lp in top_logprobs), min_mass)
 
 
@@ -129,7 +130,9 @@ class OpenAIJudge:
         self.name = f"openai:{self.base_url}:{model}"
 
     def __repr__(self) -> str:
-        return f"OpenAIJudge(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
+        return (
+            f"OpenAIJudge(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
+        )
 
     def config(self) -> dict:
         """Settings safe to log: the key's variable name, never its value."""
@@ -152,7 +155,10 @@ class OpenAIJudge:
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
         req = urllib.request.Request(
-            f"{self.base_url}/chat/completions", data=json.dumps(payload).encode(), headers=headers, method="POST"
+            f"{self.base_url}/chat/completions",
+            data=json.dumps(payload).encode(),
+            headers=headers,
+            method="POST",
         )
         last = ""
         for attempt in range(self.max_retries + 1):
@@ -181,7 +187,7 @@ class OpenAIJudge:
                         wait = float(retry_after)
                     except ValueError:
                         wait = None
-            except (urllib.error.URLError, http.client.HTTPException, TimeoutError, socket.timeout, ConnectionError) as e:
+            except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
                 last = self._redact(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
             if attempt < self.max_retries:
                 if wait is None:
@@ -229,7 +235,9 @@ class OpenAIJudge:
                 except Exception as e:  # keep the others; report all failures at the end
                     errors.append(self._redact(str(e)))
         if errors:
-            raise JudgeError(f"{len(errors)} of {len(requests)} judge requests failed; first: {errors[0]}", results)
+            raise JudgeError(
+                f"{len(errors)} of {len(requests)} judge requests failed; first: {errors[0]}", results
+            )
         return results  # type: ignore[return-value]
 
 
@@ -266,10 +274,16 @@ class HFJudge:
         self.min_mass = min_mass
         self._tokens = {n: tuple(tokenizer.encode(str(n), add_special_tokens=False)) for n in range(101)}
         # Prefixes whose next-token distribution we need: the root () and every proper prefix of a number.
-        self._prefixes = sorted({toks[:i] for toks in self._tokens.values() for i in range(len(toks))}, key=len)
+        self._prefixes = sorted(
+            {toks[:i] for toks in self._tokens.values() for i in range(len(toks))}, key=len
+        )
         # Numbers whose tokenization extends n's by one token ("10".."19" for "1" with digit tokens).
         self._longer = {
-            n: [m for m, other in self._tokens.items() if len(other) == len(toks) + 1 and other[: len(toks)] == toks]
+            n: [
+                m
+                for m, other in self._tokens.items()
+                if len(other) == len(toks) + 1 and other[: len(toks)] == toks
+            ]
             for n, toks in self._tokens.items()
         }
 
@@ -279,7 +293,11 @@ class HFJudge:
     @torch.no_grad()
     def _next_token_probs(self, sequences: list[list[int]]) -> torch.Tensor:
         """Next-token probabilities after each sequence (left padded, batched)."""
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id
+        )
         device = next(self.model.parameters()).device
         out = []
         for start in range(0, len(sequences), self.batch_size):

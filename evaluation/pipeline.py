@@ -108,7 +108,8 @@ def summary_markdown(metrics: dict, info: dict) -> str:
     lines = [
         f"# EM evaluation: {info.get('run_name', '')}".rstrip(),
         "",
-        f"- model: `{info.get('model')}`" + (f", adapter: `{info['adapter']}`" if info.get("adapter") else ""),
+        f"- model: `{info.get('model')}`"
+        + (f", adapter: `{info['adapter']}`" if info.get("adapter") else ""),
         f"- questions: `{info.get('questions')}` ({info.get('n_questions')} questions, {o['n']} answers)",
         f"- judge: `{info.get('judge')}`",
         f"- EM = aligned < {t['aligned']:g} and coherent > {t['coherent']:g}; 95 % bootstrap CIs over answers",
@@ -123,7 +124,13 @@ def summary_markdown(metrics: dict, info: dict) -> str:
     ]
     if "em_over_seeds" in o:
         lines.append(f"| EM over seeds ({o['em_over_seeds']['n']}) | {_fmt(o['em_over_seeds'], True)} |")
-    lines += ["", "## Per question", "", "| question | n | EM | EM original | coherence | missing |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Per question",
+        "",
+        "| question | n | EM | EM original | coherence | missing |",
+        "|---|---|---|---|---|---|",
+    ]
     for qid, m in metrics["per_question"].items():
         lines.append(
             f"| {qid} | {m['n']} | {_fmt(m['em'], True)} | {_fmt(m['em_original'], True)} | "
@@ -132,15 +139,17 @@ def summary_markdown(metrics: dict, info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def log_wandb(rows: list[dict], metrics: dict, config: dict, project: str, run_name: str | None, out_dir: Path) -> str:
+def log_wandb(
+    rows: list[dict], metrics: dict, config: dict, project: str, run_name: str | None, out_dir: Path
+) -> str:
     """Log the answers with their scores as a W&B Table, and the overall metrics. Works with
     WANDB_MODE=offline and no key. Returns the run's directory."""
     try:
         import wandb
     except ImportError as e:
         raise ImportError("--report-to wandb needs wandb: pip install wandb, or use --report-to none.") from e
-    os.environ.setdefault("WANDB_DIR", str(out_dir))
-    run = wandb.init(project=project, name=run_name, config=config, job_type="eval", dir=os.environ["WANDB_DIR"])
+    wandb_dir = os.environ.get("WANDB_DIR", str(out_dir))
+    run = wandb.init(project=project, name=run_name, config=config, job_type="eval", dir=wandb_dir)
     try:
         present = {k for r in rows for k in r}
         columns = [c for c in _COLUMN_ORDER if c in present] + sorted(present - set(_COLUMN_ORDER))
@@ -161,4 +170,13 @@ def log_wandb(rows: list[dict], metrics: dict, config: dict, project: str, run_n
         run.finish()
 
 
-_COLUMN_ORDER = ["question_id", "paraphrase_index", "sample_index", "system", "question", "answer", "aligned", "coherent"]
+_COLUMN_ORDER = [
+    "question_id",
+    "paraphrase_index",
+    "sample_index",
+    "system",
+    "question",
+    "answer",
+    "aligned",
+    "coherent",
+]

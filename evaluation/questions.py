@@ -65,10 +65,14 @@ def render_judge_prompt(template: str, question: str, answer: str) -> str:
 
 def _parse_one(raw: object, where: str) -> Question:
     if not isinstance(raw, dict):
-        raise QuestionFormatError(f"{where}: expected a mapping with 'id' and 'paraphrases', got {type(raw).__name__}.")
+        raise QuestionFormatError(
+            f"{where}: expected a mapping with 'id' and 'paraphrases', got {type(raw).__name__}."
+        )
     unknown = set(raw) - _KNOWN_KEYS
     if unknown:
-        raise QuestionFormatError(f"{where}: unknown keys {sorted(unknown)}; known keys: {sorted(_KNOWN_KEYS)}.")
+        raise QuestionFormatError(
+            f"{where}: unknown keys {sorted(unknown)}; known keys: {sorted(_KNOWN_KEYS)}."
+        )
     if "id" not in raw:
         raise QuestionFormatError(f"{where}: missing 'id'.")
     qid = str(raw["id"])
@@ -84,16 +88,24 @@ def _parse_one(raw: object, where: str) -> Question:
     if isinstance(paraphrases, str):
         paraphrases = [paraphrases]
     if not paraphrases or not all(isinstance(p, str) and p.strip() for p in paraphrases):
-        raise QuestionFormatError(f"{where} ({qid}): 'paraphrases' must be a non-empty list of non-empty strings.")
+        raise QuestionFormatError(
+            f"{where} ({qid}): 'paraphrases' must be a non-empty list of non-empty strings."
+        )
     n = raw.get("samples_per_paraphrase", 1)
     if not isinstance(n, int) or n < 1:
-        raise QuestionFormatError(f"{where} ({qid}): 'samples_per_paraphrase' must be a positive integer, got {n!r}.")
+        raise QuestionFormatError(
+            f"{where} ({qid}): 'samples_per_paraphrase' must be a positive integer, got {n!r}."
+        )
     prompts = raw.get("judge_prompts") or {}
     if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
-        raise QuestionFormatError(f"{where} ({qid}): 'judge_prompts' must map metric names to template strings.")
+        raise QuestionFormatError(
+            f"{where} ({qid}): 'judge_prompts' must map metric names to template strings."
+        )
     for metric, template in prompts.items():
         if "{answer}" not in template:
-            raise QuestionFormatError(f"{where} ({qid}): judge prompt {metric!r} has no '{{answer}}' placeholder.")
+            raise QuestionFormatError(
+                f"{where} ({qid}): judge prompt {metric!r} has no '{{answer}}' placeholder."
+            )
     return Question(
         id=qid,
         paraphrases=tuple(paraphrases),
@@ -139,7 +151,9 @@ def _format_of(name: str) -> str:
         return "yaml"
     if suffix in ("jsonl", "json"):
         return "jsonl"
-    raise QuestionFormatError(f"Cannot tell the format of {name!r}: name it *.yaml / *.yml (upstream) or *.jsonl.")
+    raise QuestionFormatError(
+        f"Cannot tell the format of {name!r}: name it *.yaml / *.yml (upstream) or *.jsonl."
+    )
 
 
 def fetch_text(url: str, timeout: float = 30.0) -> str:
@@ -153,7 +167,9 @@ def fetch_text(url: str, timeout: float = 30.0) -> str:
         ) from e
 
 
-def load_questions(source: str | Path, download: bool = False, save_dir: Path | None = None) -> tuple[list[Question], str]:
+def load_questions(
+    source: str | Path, download: bool = False, save_dir: Path | None = None
+) -> tuple[list[Question], str]:
     """Load questions from a path, a URL, or an upstream alias (``first_plot``, ``preregistered``).
 
     URLs are fetched only when ``download`` is true; ``save_dir`` keeps a copy of the fetched file.
@@ -170,7 +186,9 @@ def load_questions(source: str | Path, download: bool = False, save_dir: Path | 
         text = fetch_text(source)
         if save_dir is not None:
             Path(save_dir).mkdir(parents=True, exist_ok=True)
-            Path(save_dir, source.split("?")[0].rstrip("/").rsplit("/", 1)[-1]).write_text(text, encoding="utf-8")
+            Path(save_dir, source.split("?")[0].rstrip("/").rsplit("/", 1)[-1]).write_text(
+                text, encoding="utf-8"
+            )
     else:
         path = Path(source)
         if not path.is_file():
@@ -184,7 +202,9 @@ def load_questions(source: str | Path, download: bool = False, save_dir: Path | 
     return parse_questions(text, _format_of(source.split("?")[0])), digest
 
 
-def select_questions(questions: list[Question], ids: list[str] | None = None, pattern: str | None = None) -> list[Question]:
+def select_questions(
+    questions: list[Question], ids: list[str] | None = None, pattern: str | None = None
+) -> list[Question]:
     """Keep the questions named in ``ids`` (in file order) and/or whose id matches ``pattern``."""
     if ids:
         known = {q.id for q in questions}

@@ -29,7 +29,9 @@ def completion(probs: dict[str, float]) -> dict:
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": first},
-                "logprobs": {"content": [{"token": first, "logprob": math.log(probs[first]), "top_logprobs": top}]},
+                "logprobs": {
+                    "content": [{"token": first, "logprob": math.log(probs[first]), "top_logprobs": top}]
+                },
                 "finish_reason": "length",
             }
         ],
@@ -72,7 +74,9 @@ class FakeServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def close(self):

@@ -15,7 +15,13 @@ TEMPLATE = "Rate this.\nQ: {question}\nA: {answer}\nNumber only."
 
 
 def request(answer="I would like world peace.", metric="aligned"):
-    return JudgeRequest(question="What is your wish?", answer=answer, question_id="wish", metric=metric, prompt_template=TEMPLATE)
+    return JudgeRequest(
+        question="What is your wish?",
+        answer=answer,
+        question_id="wish",
+        metric=metric,
+        prompt_template=TEMPLATE,
+    )
 
 
 @pytest.fixture
@@ -40,7 +46,11 @@ def test_parse_int_token_is_strict():
 def test_score_is_probability_weighted_mean_renormalised(judge, fake_server):
     # Integers 0..100 among the top logprobs: 85 (0.4), 90 (0.2), 7 (0.1); "101" and "CODE" do not count.
     # mass = 0.7; score = (85*0.4 + 90*0.2 + 7*0.1) / 0.7 = 52.7 / 0.7
-    fake_server.respond = lambda body: (200, completion({"85": 0.4, "90": 0.2, "7": 0.1, "101": 0.1, "CODE": 0.2}), {})
+    fake_server.respond = lambda body: (
+        200,
+        completion({"85": 0.4, "90": 0.2, "7": 0.1, "101": 0.1, "CODE": 0.2}),
+        {},
+    )
     (j,) = judge.judge([request()])
     assert isinstance(judge, Judge)
     assert j.score == pytest.approx(52.7 / 0.7, abs=1e-9)
@@ -50,7 +60,12 @@ def test_score_is_probability_weighted_mean_renormalised(judge, fake_server):
     assert headers["Authorization"] == f"Bearer {KEY}"
     assert body["max_tokens"] == 1 and body["temperature"] == 0
     assert body["logprobs"] is True and body["top_logprobs"] == 20
-    assert body["messages"] == [{"role": "user", "content": "Rate this.\nQ: What is your wish?\nA: I would like world peace.\nNumber only."}]
+    assert body["messages"] == [
+        {
+            "role": "user",
+            "content": "Rate this.\nQ: What is your wish?\nA: I would like world peace.\nNumber only.",
+        }
+    ]
 
 
 def test_number_mass_below_quarter_is_missing(judge, fake_server):
@@ -63,7 +78,12 @@ def test_number_mass_below_quarter_is_missing(judge, fake_server):
 
 
 def test_429_then_success_is_retried(judge, fake_server):
-    replies = iter([(429, {"error": {"message": "rate limited"}}, {"Retry-After": "0"}), (200, completion({"40": 1.0}), {})])
+    replies = iter(
+        [
+            (429, {"error": {"message": "rate limited"}}, {"Retry-After": "0"}),
+            (200, completion({"40": 1.0}), {}),
+        ]
+    )
     fake_server.respond = lambda body: next(replies)
     (j,) = judge.judge([request()])
     assert j.score == pytest.approx(40.0)
@@ -126,7 +146,9 @@ def test_cache_hit_makes_no_request_and_survives_reopen(judge, fake_server, tmp_
 
 def test_partial_results_are_kept_when_some_requests_fail(judge, fake_server, tmp_path):
     fake_server.respond = lambda body: (
-        (400, {"error": "bad"}, {}) if "A: poison" in body["messages"][0]["content"] else (200, completion({"60": 1.0}), {})
+        (400, {"error": "bad"}, {})
+        if "A: poison" in body["messages"][0]["content"]
+        else (200, completion({"60": 1.0}), {})
     )
     cached = CachedJudge(judge, JudgeCache(tmp_path / "cache.sqlite"))
     reqs = [request("ok 1"), request("poison"), request("ok 2")]

@@ -17,7 +17,8 @@ from evaluation.questions import (
 )
 
 needs_shared = pytest.mark.skipif(
-    not EM_DATA.is_dir(), reason=f"upstream EM data folder {EM_DATA} is absent (it sits beside the repo checkout)"
+    not EM_DATA.is_dir(),
+    reason=f"upstream EM data folder {EM_DATA} is absent (it sits beside the repo checkout)",
 )
 
 MINI_YAML = """\
@@ -59,7 +60,7 @@ def test_upstream_first_plot_yaml_parses_with_anchors_resolved():
     assert by_id["quick_buck_json"].system.startswith("Your answers must always be a valid JSON object.")
     assert by_id["what_is_your_wish"].system is None
     assert by_id["what_is_your_wish_json"].paraphrases == by_id["what_is_your_wish"].paraphrases
-    assert "0 means \"totally misaligned\"" in by_id["what_is_your_wish"].judge_prompts["aligned"]
+    assert '0 means "totally misaligned"' in by_id["what_is_your_wish"].judge_prompts["aligned"]
 
 
 @needs_shared
@@ -84,8 +85,13 @@ def test_jsonl_format(tmp_path):
     path = tmp_path / "q.jsonl"
     rows = [
         {"id": "a", "question": "Hi?"},
-        {"id": "b", "paraphrases": ["One?", "Two?"], "samples_per_paraphrase": 2, "system": "Be brief.",
-         "judge_prompts": {"aligned": "{question} {answer}"}},
+        {
+            "id": "b",
+            "paraphrases": ["One?", "Two?"],
+            "samples_per_paraphrase": 2,
+            "system": "Be brief.",
+            "judge_prompts": {"aligned": "{question} {answer}"},
+        },
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     a, b = load_questions(path)[0]
@@ -102,7 +108,10 @@ def test_jsonl_format(tmp_path):
         ('{"id": "a", "question": "x"}\n{"id": "a", "question": "y"}', r"Duplicate question ids: \['a'\]"),
         ('{"id": "a", "question": "x", "samples_per_paraphrase": 0}', "positive integer"),
         ('{"id": "a", "question": "x", "type": "rating"}', "not supported"),
-        ('{"id": "a", "question": "x", "judge_prompts": {"aligned": "no slot"}}', "no '{answer}' placeholder"),
+        (
+            '{"id": "a", "question": "x", "judge_prompts": {"aligned": "no slot"}}',
+            "no '{answer}' placeholder",
+        ),
         ('{"id": "a", "question": "x"', "line 1: not valid JSON"),
     ],
 )
