@@ -24,15 +24,18 @@ def judge_requests(
     questions: dict[str, Question],
     metrics: Iterable[str] = METRICS,
     judge_prompts: dict[str, str] | None = None,
+    require_templates: bool = True,
 ) -> list[JudgeRequest]:
     """One request per (answer, metric), in row-major order. A question's own judge prompts win;
-    ``judge_prompts`` fills in for questions without them (our JSONL format may omit them)."""
+    ``judge_prompts`` fills in for questions without them (our JSONL format may omit them). Exact judges
+    (the synthetic organism) need no template: pass ``require_templates=False``."""
+    metrics = list(metrics)
     requests = []
     for row in rows:
         q = questions.get(row["question_id"])
         prompts = {**(judge_prompts or {}), **(q.judge_prompts if q else {})}
         for metric in metrics:
-            if metric not in prompts:
+            if metric not in prompts and require_templates:
                 raise ValueError(
                     f"Question {row['question_id']!r} has no judge prompt for {metric!r}. Add judge_prompts "
                     f"({', '.join(metrics)}) to the question file, or pass --judge-prompts FILE.yaml."
@@ -43,7 +46,7 @@ def judge_requests(
                     answer=row["answer"],
                     question_id=row["question_id"],
                     metric=metric,
-                    prompt_template=prompts[metric],
+                    prompt_template=prompts.get(metric, ""),
                 )
             )
     return requests

@@ -213,14 +213,17 @@ def _generate(args: EvalArguments, questions) -> list[dict]:
     )
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run an EM evaluation; returns the metrics dict (also written to ``<out>/metrics.json``)."""
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``keel eval`` (``scripts.cli`` passes the arguments after ``eval``); returns the
+    exit status. Library callers who want the metrics dict call ``run(args)``."""
     parser = make_parser()
     (args,) = parser.parse_args_and_config(args=argv if argv is not None else sys.argv[1:])
-    return run(args)
+    run(args)
+    return 0
 
 
 def run(args: EvalArguments) -> dict:
+    """Run an EM evaluation; returns the metrics (also written to ``<out>/metrics.json``; {} with --judge none)."""
     import yaml
 
     from evaluation.cache import CachedJudge, JudgeCache
@@ -309,4 +312,4 @@ def run(args: EvalArguments) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
