@@ -82,3 +82,25 @@ def test_bad_inputs_fail_clearly(model, tok, records):
         collect_pooled(model, _examples(tok, records), 5)
     with pytest.raises(ExtractionError, match="no answer"):
         record_examples(tok, [{"question": "hi"}])
+
+
+def test_left_padding_with_absolute_positions(tok, records):
+    """GPT-2 adds absolute position embeddings: position ids must come from the attention mask."""
+    from organisms.tiny_models import tiny_model
+
+    gpt2 = tiny_model("gpt2", tokenizer=tok).eval()
+    examples = _examples(tok, records)
+    right = collect_pooled(gpt2, examples, 0, batch_size=6, padding_side="right")[0]
+    left = collect_pooled(gpt2, examples, 0, batch_size=6, padding_side="left")[0]
+    torch.testing.assert_close(left, right, atol=1e-5, rtol=0)
+
+
+def test_other_sites(model, tok, records):
+    examples = _examples(tok, records)
+    pre = collect_pooled(model, examples, 1, site="resid_pre", pooling="all")[1]
+    post = collect_pooled(model, examples, 0, pooling="all")[0]
+    torch.testing.assert_close(pre, post)  # input of layer 1 = output of layer 0
+    attn = collect_pooled(model, examples, 0, site="attn_out", pooling="mean")[0]  # attention returns a tuple
+    mlp = collect_pooled(model, examples, 0, site="mlp_out", pooling="mean")[0]
+    assert attn.shape == mlp.shape == (len(examples), model.config.hidden_size)
+    assert not torch.allclose(attn, mlp)
