@@ -236,3 +236,30 @@ def test_reference_mean_for_mean_ablation(model, tok, records):
     expected = collect_pooled(model, examples, 1)[1].mean(0) @ basis.T
     torch.testing.assert_close(d.mean, expected, atol=1e-5, rtol=0)
     assert d.extra["reference_mean_examples"] == len(examples)
+
+
+def test_extracted_mean_drives_mean_ablation(model, tok, records):
+    """The stored mean is on the runtime's scale: mean-ablating sets every token's projection to it."""
+    from interventions import Intervention, InterventionSet
+
+    d = judged_directions(model, tok, records[:3], records[3:], 0)[0]
+    iset = InterventionSet(model, [Intervention("mean_ablate", d, layers=[0])])
+    with iset, iset.phase("train"):
+        rows = collect_pooled(model, record_examples(tok, records), 0, pooling="all")[0]
+    proj = rows @ d.vectors[0]
+    torch.testing.assert_close(proj, d.mean.expand_as(proj), atol=1e-4, rtol=0)
+
+
+def test_reservoir_bounds_rows_and_samples_uniformly():
+    from interventions.extraction import Reservoir
+
+    res = Reservoir(capacity=100, seed=0)
+    for start in range(0, 10_000, 64):
+        res.add(torch.arange(start, min(start + 64, 10_000), dtype=torch.float32).unsqueeze(1))
+    rows = res.rows()
+    assert rows.shape == (100, 1) and res.seen == 10_000
+    assert 3000 < float(rows.mean()) < 7000  # a uniform sample, not the first 100 rows
+    unbounded = Reservoir(capacity=None)
+    unbounded.add(torch.ones(5, 2))
+    unbounded.add(torch.ones(3, 2))
+    assert unbounded.rows().shape == (8, 2)
