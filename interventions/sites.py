@@ -2,7 +2,8 @@
 
 Layer convention (stated once, tested against ``output_hidden_states``):
 ``resid_post`` at layer ``i`` is the output of decoder layer ``i`` (0-based), which is
-``hidden_states[i + 1]`` of ``model(..., output_hidden_states=True)``; ``resid_pre`` at layer ``i`` is
+``hidden_states[i + 1]`` of ``model(..., output_hidden_states=True)`` for every layer but the last (whose
+``hidden_states`` entry has the final norm applied in transformers 5); ``resid_pre`` at layer ``i`` is
 the input of decoder layer ``i`` (``hidden_states[i]``). Persona-vector files index layer 0 as the
 embeddings, so their vector ``L`` belongs to ``resid_post`` at layer ``L - 1`` here.
 
