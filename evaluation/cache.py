@@ -98,6 +98,11 @@ class CachedJudge:
         inner = self.inner.config() if hasattr(self.inner, "config") else {"name": self.name}
         return {**inner, "cache": str(self.cache.path)}
 
+    def _store(self, keys, requests, idx, got, found) -> None:
+        done = [(i, j) for i, j in zip(idx, got) if j is not None]
+        self.cache.put_many([(keys[i], self.name, requests[i].metric, j) for i, j in done])
+        found.update({keys[i]: j for i, j in done})
+
     def judge(self, requests: list[JudgeRequest], progress=None) -> list[Judgement]:
         keys = [cache_key(self.name, r) for r in requests]
         found = self.cache.get_many(keys)
@@ -106,21 +111,31 @@ class CachedJudge:
         self.misses += len(todo)
         if progress is not None:
             progress.update(len(requests) - len(todo))
+        failed: list[str] = []
         for start in range(0, len(todo), self.chunk_size):
             idx = todo[start : start + self.chunk_size]
             batch = [requests[i] for i in idx]
             try:
                 got = self.inner.judge(batch)
             except JudgeError as e:
-                done = [(i, j) for i, j in zip(idx, e.partial) if j is not None]
-                self.cache.put_many([(keys[i], self.name, requests[i].metric, j) for i, j in done])
-                raise
+                got = list(e.partial) + [None] * (len(batch) - len(e.partial))
+                failed.append(str(e))
+                if e.fatal:  # the endpoint is unusable: keep what came back and stop
+                    self._store(keys, requests, idx, got, found)
+                    break
             if len(got) != len(batch):
                 raise JudgeError(
                     f"Judge {self.name} returned {len(got)} judgements for {len(batch)} requests."
                 )
-            self.cache.put_many([(keys[i], self.name, requests[i].metric, j) for i, j in zip(idx, got)])
-            found.update({keys[i]: j for i, j in zip(idx, got)})
+            self._store(keys, requests, idx, got, found)
             if progress is not None:
-                progress.update(len(batch))
+                progress.update(sum(j is not None for j in got))
+        if failed:
+            n_missing = sum(k not in found for k in keys)
+            raise JudgeError(
+                f"{n_missing} of {len(requests)} judgements are missing ({len(failed)} failed batch(es); "
+                f"first: {failed[0]}). The others are cached in {self.cache.path}: rerun to request only the rest.",
+                [found.get(k) for k in keys],
+                fatal=True,
+            )
         return [found[k] for k in keys]

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,9 +33,10 @@ class JudgeError(RuntimeError):
     """A judge could not score some requests. ``partial`` holds the judgements that did come back
     (``None`` where a request failed), aligned with the requests, so callers can keep them."""
 
-    def __init__(self, message: str, partial: list[Judgement | None] | None = None):
+    def __init__(self, message: str, partial: list[Judgement | None] | None = None, fatal: bool = False):
         super().__init__(message)
         self.partial = partial or []
+        self.fatal = fatal  # the endpoint itself is unusable (down, bad key, bad URL): stop sending
 
 
 def parse_int_token(token: str) -> int | None:
@@ -179,7 +181,8 @@ class OpenAIJudge:
                 if e.code != 429 and e.code < 500:
                     raise JudgeError(
                         f"Judge endpoint {self.base_url} refused the request ({last}). Check the model name "
-                        f"{self.model!r}, the key in {self.api_key_env}, and that the server supports logprobs."
+                        f"{self.model!r}, the key in {self.api_key_env}, and that the server supports logprobs.",
+                        fatal=e.code in (401, 403, 404),
                     ) from None
                 retry_after = e.headers.get("Retry-After") if e.headers else None
                 if retry_after:
@@ -195,7 +198,8 @@ class OpenAIJudge:
                 time.sleep(min(wait, self.max_backoff))
         raise JudgeError(
             f"Judge endpoint {self.base_url} failed after {self.max_retries + 1} attempts (last: {last}). "
-            "Results judged so far are kept in the cache; rerun the same command to resume."
+            "Results judged so far are kept in the cache; rerun the same command to resume.",
+            fatal=True,
         )
 
     def _parse(self, data: dict) -> Judgement:
@@ -224,19 +228,37 @@ class OpenAIJudge:
         }
         return self._parse(self._post(payload))
 
+    def _judge_unless_aborted(self, request: JudgeRequest, abort: threading.Event) -> Judgement | None:
+        if abort.is_set():
+            return None  # not sent: the endpoint already failed for good
+        try:
+            return self.judge_one(request)
+        except JudgeError as e:
+            if e.fatal:
+                abort.set()
+            raise
+
     def judge(self, requests: list[JudgeRequest]) -> list[Judgement]:
+        """Score all requests; one bad request does not stop the others, but an unusable endpoint
+        (retries exhausted, 401/403/404) stops the requests not yet sent."""
         results: list[Judgement | None] = [None] * len(requests)
         errors: list[str] = []
+        abort = threading.Event()
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = {pool.submit(self.judge_one, r): i for i, r in enumerate(requests)}
-            for fut, i in futures.items():
+            futures = [pool.submit(self._judge_unless_aborted, r, abort) for r in requests]
+            for i, fut in enumerate(futures):
                 try:
                     results[i] = fut.result()
                 except Exception as e:  # keep the others; report all failures at the end
                     errors.append(self._redact(str(e)))
+        skipped = len(requests) - len(errors) - sum(r is not None for r in results)
         if errors:
             raise JudgeError(
-                f"{len(errors)} of {len(requests)} judge requests failed; first: {errors[0]}", results
+                f"{len(errors)} of {len(requests)} judge requests failed"
+                + (f" and {skipped} were not sent" if skipped else "")
+                + f"; first: {errors[0]}",
+                results,
+                fatal=abort.is_set(),
             )
         return results  # type: ignore[return-value]
 

@@ -150,10 +150,12 @@ def test_partial_results_are_kept_when_some_requests_fail(judge, fake_server, tm
         if "A: poison" in body["messages"][0]["content"]
         else (200, completion({"60": 1.0}), {})
     )
-    cached = CachedJudge(judge, JudgeCache(tmp_path / "cache.sqlite"))
+    # chunk_size 1: a bad request in one chunk does not stop the chunks after it.
+    cached = CachedJudge(judge, JudgeCache(tmp_path / "cache.sqlite"), chunk_size=1)
     reqs = [request("ok 1"), request("poison"), request("ok 2")]
-    with pytest.raises(JudgeError, match="1 of 3 judge requests failed"):
+    with pytest.raises(JudgeError, match="1 of 3 judgements are missing") as err:
         cached.judge(reqs)
+    assert [j.score if j else None for j in err.value.partial] == [60.0, None, 60.0]
     assert len(cached.cache) == 2  # the two good scores are on disk
     fake_server.respond = lambda body: (200, completion({"60": 1.0}), {})
     n_before = len(fake_server.requests)
@@ -211,3 +213,12 @@ def test_hf_judge_runs_on_a_tiny_model(tiny_lm, chat_tokenizer):
     for j in judgements:
         assert 0.0 <= j.extra["number_mass"] <= 1.0 + 1e-6
         assert j.score is None or 0.0 <= j.score <= 100.0
+
+
+def test_unusable_endpoint_stops_sending(judge, fake_server):
+    # A wrong key (401) is the same for every request: after the first, the rest are not sent.
+    judge.concurrency = 1
+    fake_server.respond = lambda body: (401, {"error": "invalid key"}, {})
+    with pytest.raises(JudgeError, match=r"1 of 5 judge requests failed and 4 were not sent") as err:
+        judge.judge([request(str(i)) for i in range(5)])
+    assert err.value.fatal and err.value.partial == [None] * 5 and len(fake_server.requests) == 1

@@ -49,6 +49,8 @@ def test_upstream_first_plot_yaml_parses_with_anchors_resolved():
     by_id = {q.id: q for q in questions}
     free_form = [q for q in questions if not q.id.endswith(("_json", "_template"))]
     assert len(free_form) == 8 and free_form[0].id == "what_is_your_wish"
+    # The README's filter for the 8 free-form questions:
+    assert select_questions(questions, pattern=r"^(?!.*_(json|template)$)") == free_form
     for q in questions:
         assert q.type == "free_form_judge_0_100"
         assert q.samples_per_paraphrase == 100 and q.judge == "gpt-4o-2024-08-06"
