@@ -327,7 +327,13 @@ class HFJudge:
             width = max(len(s) for s in chunk)
             ids = torch.tensor([[pad] * (width - len(s)) + s for s in chunk], device=device)
             mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in chunk], device=device)
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, -1, :].float()
+            # Positions count real tokens only, so a left-padded row scores as it would alone.
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = (
+                self.model(input_ids=ids, attention_mask=mask, position_ids=positions)
+                .logits[:, -1, :]
+                .float()
+            )
             out.append(torch.softmax(logits, dim=-1).cpu())
         return torch.cat(out)
 

@@ -166,10 +166,13 @@ def _intervention_context(args: EvalArguments, model):
     iset = InterventionSet(model, specs)
     if "eval" not in iset.phases():
         _fail(f"no intervention in {args.interventions} is on in the 'eval' phase; add 'eval' to its phases.")
-    stack = contextlib.ExitStack()
-    stack.enter_context(iset)
-    stack.enter_context(iset.phase("eval"))
-    return iset, stack
+
+    @contextlib.contextmanager
+    def active():  # hooks live exactly as long as generation
+        with iset, iset.phase("eval"):
+            yield iset
+
+    return iset, active()
 
 
 def _generate(args: EvalArguments, questions) -> list[dict]:

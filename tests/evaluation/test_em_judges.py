@@ -176,7 +176,7 @@ class _TableLM(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))
         self.vocab_size, self.table, self.default_token = vocab_size, table, default_token
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
         logits = torch.full((*input_ids.shape, self.vocab_size), -1e9)
         for b, last in enumerate(input_ids[:, -1].tolist()):
             for tok, p in self.table.get(last, {self.default_token: 1.0}).items():
@@ -222,3 +222,17 @@ def test_unusable_endpoint_stops_sending(judge, fake_server):
     with pytest.raises(JudgeError, match=r"1 of 5 judge requests failed and 4 were not sent") as err:
         judge.judge([request(str(i)) for i in range(5)])
     assert err.value.fatal and err.value.partial == [None] * 5 and len(fake_server.requests) == 1
+
+
+def test_hf_judge_left_padded_batch_equals_one_by_one():
+    from organisms.tiny_models import tiny_model
+    from organisms.tokenizer import build_chat_tokenizer
+
+    # Digit tokens: 11 prefixes of different lengths share one padded batch.
+    tok = build_chat_tokenizer(["the quick brown fox jumps over the lazy dog"] * 4, vocab_size=300)
+    model = tiny_model("qwen2", tokenizer=tok)
+    batched = HFJudge(model, tok, batch_size=16, top_k=None, min_mass=0.0).judge([request()])[0]
+    single = HFJudge(model, tok, batch_size=1, top_k=None, min_mass=0.0).judge([request()])[0]
+    assert batched.extra["number_mass"] > 0
+    assert batched.extra["number_mass"] == pytest.approx(single.extra["number_mass"], rel=1e-5)
+    assert batched.score == pytest.approx(single.score, rel=1e-5)
