@@ -138,6 +138,7 @@ class InterventionSet:
         self._handles: list = []
         self._depth = 0
         self.step = 0
+        self.collect_stats = True  # trainers turn this off on steps whose metrics will not be logged
         self._ops_by_site: dict[tuple[str, int], list[_BoundOp]] = {}
         self._stats: dict[str, dict[str, torch.Tensor | int]] = {}
         self._resolve()
@@ -243,7 +244,8 @@ class InterventionSet:
             new = op.apply(h)
             if mask is not None:
                 new = torch.where(mask.unsqueeze(-1), new, h)
-            self._record(op, h, new, mask)
+            if self.collect_stats:
+                self._record(op, h, new, mask)
             h, changed = new, True
         return h if changed else None
 

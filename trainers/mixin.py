@@ -44,10 +44,25 @@ class InterventionTrainerMixin:
         # phase and masks cover forward and backward alike.
         self._set_batch(inputs)
         self.intervention_set.set_step(self.state.global_step)
+        self.intervention_set.collect_stats = self._logs_this_step()
         with self.intervention_set.phase("train"):
             return super().training_step(model, inputs, num_items_in_batch)
 
+    def _logs_this_step(self) -> bool:
+        """Diagnostics cost a few projections per hook: measure them only on the steps that get logged."""
+        step, args = self.state.global_step + 1, self.args
+        if args.logging_strategy != "steps":
+            return True
+        every = (
+            args.logging_steps
+            if args.logging_steps >= 1
+            else max(int(args.logging_steps * self.state.max_steps), 1)
+        )
+        first = args.logging_first_step and self.state.global_step == 0
+        return first or step % every == 0 or step == self.state.max_steps
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        self.intervention_set.collect_stats = True
         self._set_batch(inputs)
         with self.intervention_set.phase("eval"):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)

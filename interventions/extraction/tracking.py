@@ -5,6 +5,7 @@ wandb is imported only when asked for; ``WANDB_MODE=offline`` works without a ke
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,7 +49,13 @@ def log_direction_artifact(
         "directions": [d.metadata() for d in directions],
     }
     own_run = run is None and wandb.run is None
-    run = run or wandb.run or wandb.init(project=project or "keel", job_type="extract", config=metadata)
+    # An explicit dir: wandb caches its settings per process, so an earlier run's WANDB_DIR would win.
+    wandb_dir = os.environ.get("WANDB_DIR", str(path.parent))
+    run = (
+        run
+        or wandb.run
+        or wandb.init(project=project or "keel", job_type="extract", config=metadata, dir=wandb_dir)
+    )
     try:
         artifact = wandb.Artifact(name, type="direction", metadata=metadata)
         artifact.add_file(str(path))

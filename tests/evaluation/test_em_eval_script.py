@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import completion
+from judge_server import completion
 
 from scripts.eval import main
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import completion
+from judge_server import completion
 
 from evaluation.cache import CachedJudge, JudgeCache, cache_key
 from evaluation.judge_base import Judge, JudgeRequest

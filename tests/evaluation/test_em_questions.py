@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import EM_DATA
+from judge_server import EM_DATA
 
 from evaluation.questions import (
     Question,
