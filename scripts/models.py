@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-def load_model_and_tokenizer(
+def load_model_for_training(
     name_or_path: str,
     revision: str | None = None,
     dtype: str | None = None,

@@ -12,7 +12,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from trainers import InterventionSFTConfig, InterventionSFTTrainer
 
-from .models import load_dataset_any, load_model_and_tokenizer
+from .models import load_dataset_any, load_model_for_training
 
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None) -> TrlParser:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
     if "wandb" in (training_args.report_to or []):
         os.environ.setdefault("WANDB_DIR", training_args.output_dir)
-    model, tokenizer = load_model_and_tokenizer(
+    model, tokenizer = load_model_for_training(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
         dtype=model_args.dtype,
