@@ -227,3 +227,20 @@ def test_unknown_spec_key_fails_at_config_time(tmp_path):
 
     with pytest.raises(SpecError, match="Unknown key"):
         _config(tmp_path, interventions=[{"operator": "add", "direction": "x", "strength": 2}])
+
+
+def test_config_serialises_interventions_for_wandb(tmp_path):
+    import json
+
+    from interventions import Intervention, save_directions
+
+    path = save_directions([_direction()], tmp_path / "d")
+    spec = {
+        "operator": "project_out",
+        "direction": str(path),
+        "layers": [1],
+        "schedule": {"kind": "linear_decay", "steps": 5},
+    }
+    config = _config(tmp_path, interventions=[spec])
+    dumped = json.loads(json.dumps(config.to_dict()))  # what W&B's config receives
+    assert [Intervention.from_dict(d) for d in dumped["interventions"]] == config.interventions
