@@ -1,5 +1,8 @@
-"""The `keel eval` run as a library: arguments, judge choice, generation, judging, metrics and files.
+"""The ``keel eval`` run as a library: arguments, judge choice, generation, judging, metrics and files.
 
+Writes ``answers.jsonl`` before judging (a judge failure loses no generations), then ``scores.jsonl``,
+``metrics.json``, ``summary.md``, ``config.json`` and the judge cache. The judge's API key is read from an
+environment variable and never written anywhere.
 """
 
 from __future__ import annotations
