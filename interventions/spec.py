@@ -20,6 +20,7 @@ from .sites import SITE_KINDS
 TOKENS = ("all", "prompt", "completion")
 PHASES = ("train", "reference", "generate", "eval")
 SCHEDULES = ("constant", "linear_warmup", "linear_decay")
+WANDB_PREFIX = "wandb:"
 
 
 class SpecError(ValueError):
@@ -53,7 +54,8 @@ class Intervention:
     """One intervention. ``direction`` is a path to a direction file, a :class:`Direction`, or a tensor.
 
     ``layers``: an int, list, ``"all"`` or ``"start:stop"``; ``None`` means the direction's own layer.
-    ``direction`` may also be ``"random:SEED[:K]"``: K random orthonormal rows of the model's width.
+    ``direction`` may also be ``"random:SEED[:K]"`` (K random orthonormal rows of the model's width) or
+    ``"wandb:ENTITY/PROJECT/NAME:ALIAS"`` (a ``direction`` artifact; training runs record its lineage).
     ``direction_layer``: when the file holds one direction per layer, which one to use at every target
     layer; by default each target layer uses the direction recorded for it.
     ``tokens``: positions acted on: ``all`` (also padding, as CAFT does), ``prompt`` or ``completion``
@@ -102,6 +104,12 @@ class Intervention:
             raise SpecError("`direction` is required: a path to a direction file, a Direction or a tensor.")
         if self.name is None:
             self.name = f"{self.operator}@{self.site}"
+
+    @property
+    def wandb_artifact(self) -> str | None:
+        """The W&B artifact reference of the direction, if it comes from one."""
+        d = self.direction
+        return d[len(WANDB_PREFIX) :] if isinstance(d, str) and d.startswith(WANDB_PREFIX) else None
 
     def coefficient_at(self, step: int) -> float:
         return self.coefficient * (self.schedule.factor(step) if self.schedule else 1.0)
@@ -164,9 +172,20 @@ class Intervention:
         return layers
 
     def _load_candidates(self, d_model: int | None = None) -> list[Direction]:
+        """Load once per spec (a W&B artifact is downloaded once, a file read once)."""
+        cache = self.__dict__.setdefault("_loaded", {})
+        if d_model not in cache:
+            cache[d_model] = self._load_candidates_uncached(d_model)
+        return cache[d_model]
+
+    def _load_candidates_uncached(self, d_model: int | None) -> list[Direction]:
         d = self.direction
         if isinstance(d, str) and d.startswith("random:"):
             return [_random_from_string(d, d_model)]
+        if isinstance(d, str) and d.startswith(WANDB_PREFIX):
+            from .extraction.tracking import fetch_direction_artifact
+
+            d = fetch_direction_artifact(d[len(WANDB_PREFIX) :])
         if isinstance(d, Direction):
             return [d]
         if isinstance(d, torch.Tensor):

@@ -7,7 +7,23 @@ token masks come from the batch (``labels != -100`` is the completion), never fr
 
 from __future__ import annotations
 
+from transformers import TrainerCallback
+
 from interventions import Intervention, InterventionSet
+
+
+class DirectionLineageCallback(TrainerCallback):
+    """Once the W&B run exists (``WandbCallback`` starts it at train begin), record which direction
+    artifacts this run used, so W&B lineage links directions to fine-tunes."""
+
+    def __init__(self, refs: list[str]):
+        self.refs = refs
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and "wandb" in (args.report_to or []):
+            from interventions.extraction.tracking import record_direction_lineage
+
+            record_direction_lineage(self.refs)
 
 
 class InterventionTrainerMixin:
@@ -19,6 +35,9 @@ class InterventionTrainerMixin:
         specs = interventions if interventions is not None else getattr(self.args, "interventions", None)
         layers_path = getattr(self.args, "intervention_layers_path", None)
         self.intervention_set = InterventionSet(self.model, specs or [], layers_path=layers_path)
+        refs = [i.wandb_artifact for i in self.intervention_set.interventions if i.wandb_artifact]
+        if refs:
+            self.add_callback(DirectionLineageCallback(refs))
 
     @property
     def interventions(self) -> list[Intervention]:

@@ -65,3 +65,38 @@ def log_direction_artifact(
         if own_run:
             run.finish()
     return name
+
+
+def fetch_direction_artifact(ref: str) -> Path:
+    """Download a ``direction`` artifact (``entity/project/name:alias``); returns its direction file.
+
+    Inside an active W&B run this goes through ``run.use_artifact`` so the run's lineage shows the
+    direction; outside one, through the public API (download only).
+    """
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError(
+            f"Direction {ref!r} lives in W&B: pip install wandb, or download the file."
+        ) from None
+    artifact = (
+        wandb.run.use_artifact(ref) if wandb.run is not None else wandb.Api().artifact(ref, type="direction")
+    )
+    files = sorted(Path(artifact.download()).glob("*.safetensors"))
+    if len(files) != 1:
+        raise FileNotFoundError(
+            f"W&B artifact {ref!r} holds {len(files)} .safetensors files; a direction artifact holds exactly one "
+            "(as keel extract --report-to wandb logs it)."
+        )
+    return files[0]
+
+
+def record_direction_lineage(refs: Sequence[str]) -> None:
+    """Mark the active W&B run as a consumer of these direction artifacts (no-op without a run)."""
+    if not refs:
+        return
+    import wandb
+
+    if wandb.run is not None:
+        for ref in refs:
+            wandb.run.use_artifact(ref)
