@@ -62,3 +62,33 @@ def build_chat_tokenizer(
     )
     tok.chat_template = CHATML_TEMPLATE
     return tok
+
+
+UNK = "<|unk|>"
+CHAT_ROLE_WORDS = ["system", "user", "assistant"]
+
+
+def build_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over a closed vocabulary, with the same ChatML template.
+
+    The synthetic organism's world is a small closed set of words; one token per word keeps answers
+    exactly two tokens long, so the exact judge and position-based probes stay simple. Newlines of the
+    template are whitespace and vanish; the special tokens are split out before pre-tokenisation.
+    """
+    vocab: dict[str, int] = {}
+    for word in [*SPECIAL_TOKENS, UNK, *CHAT_ROLE_WORDS, *words]:
+        if not word or any(c.isspace() for c in word):
+            raise ValueError(f"Word-level vocabulary entries must be non-empty without whitespace: {word!r}")
+        vocab.setdefault(word, len(vocab))
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        unk_token=UNK,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=IM_END,
+        additional_special_tokens=[IM_START, EOS],
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
