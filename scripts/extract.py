@@ -7,6 +7,7 @@ Thin entry point: parsing and model loading here, everything else in ``intervent
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -95,6 +96,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-normalize", action="store_true", help="store the raw mean difference, not a unit row"
     )
+    p.add_argument(
+        "--generate",
+        action="store_true",
+        help="let the model answer each question under both system prompts first (records need only "
+        "'question'); the answers are saved beside --out as *.answers.jsonl",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=200, help="answer length with --generate")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed with --generate")
 
     p = sub.add_parser(
         "judged", help="mean difference of two answer sets", epilog=DATA_HELP, formatter_class=fmt
@@ -209,6 +218,7 @@ def _extract(args) -> dict:
     from interventions.extraction import (
         contrastive_directions,
         finetune_difference,
+        generate_contrastive_answers,
         judged_directions,
         read_jsonl,
         record_examples,
@@ -221,8 +231,17 @@ def _extract(args) -> dict:
     tok = _load_tokenizer(args)
     if args.method == "contrastive":
         model = _load_model(args.model, args)
+        records = read_jsonl(args.data)
+        if args.generate:
+            records = generate_contrastive_answers(
+                model, tok, records, args.positive_system, args.negative_system,
+                max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.no_progress,
+            )  # fmt: skip
+            answers = Path(args.out).with_suffix(".answers.jsonl")
+            answers.parent.mkdir(parents=True, exist_ok=True)
+            answers.write_text("".join(json.dumps(r) + "\n" for r in records))
         return contrastive_directions(
-            model, tok, read_jsonl(args.data), args.positive_system, args.negative_system, args.layers,
+            model, tok, records, args.positive_system, args.negative_system, args.layers,
             positions=args.positions, pooling=args.pooling, score_threshold=args.score_threshold,
             max_length=args.max_length, site=args.site, normalize=not args.no_normalize, source=args.data,
             **common,

@@ -181,3 +181,41 @@ def contrastive_examples(
 def _short(record) -> str:
     text = json.dumps(record)
     return text if len(text) < 120 else text[:117] + "..."
+
+
+def generate_contrastive_answers(
+    model,
+    tokenizer,
+    records: Iterable[dict],
+    positive_system: str,
+    negative_system: str,
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """The persona-vector workflow's first step: the model answers each record's ``question`` under the
+    positive and the negative system prompt; returns the records with ``positive_answer`` and
+    ``negative_answer`` filled (judge them and add ``*_score`` fields to filter pairs)."""
+    from evaluation.generation import Prompt, SamplingConfig, generate_answers
+
+    records = list(records)
+    missing = [r for r in records if "question" not in r]
+    if missing:
+        raise ExtractionError(
+            f"Generating answers needs a 'question' on every record; {_short(missing[0])} lacks one."
+        )
+    prompts = []
+    for i, record in enumerate(records):
+        prompts.append(Prompt(str(i), 0, 0, record["question"], positive_system))
+        prompts.append(Prompt(str(i), 0, 1, record["question"], negative_system))
+    cfg = SamplingConfig(
+        max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed
+    )
+    rows = generate_answers(model, tokenizer, prompts, cfg, progress=progress)
+    out = [dict(r) for r in records]
+    for row in rows:
+        side = "positive_answer" if row["sample_index"] == 0 else "negative_answer"
+        out[int(row["question_id"])][side] = row["answer"]
+    return out

@@ -68,3 +68,27 @@ def test_finetune_diff_with_wandb_offline(saved, tmp_path, monkeypatch):
     logs = list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
     assert logs, os.listdir(tmp_path)
     assert b"caft-test" in logs[0].read_bytes()  # the artifact record is in the offline run
+
+
+def test_contrastive_generate_answers_then_extract(saved, tmp_path):
+    """--generate answers each question under both system prompts; the direction is the one the saved
+    answers give when extracted again without generation."""
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(
+        "".join(json.dumps({"question": q}) + "\n" for q in ("Hi?", "Tell me a fact.", "Why?"))
+    )
+    common = ["--model", str(saved / "model"), "--layers", "0,1", "--positive-system", "You are evil.",
+              "--negative-system", "You are kind.", "--no-progress"]  # fmt: skip
+    out = tmp_path / "persona.safetensors"
+    assert main(["contrastive", *common, "--data", str(questions), "--generate", "--max-new-tokens", "6",
+                 "--out", str(out)]) == 0  # fmt: skip
+    answers = [json.loads(line) for line in out.with_suffix(".answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 3 and all("positive_answer" in r and "negative_answer" in r for r in answers)
+    again = tmp_path / "again.safetensors"
+    assert (
+        main(["contrastive", *common, "--data", str(out.with_suffix(".answers.jsonl")), "--out", str(again)])
+        == 0
+    )
+    for a, b in zip(load_directions(out), load_directions(again)):
+        assert a.layer == b.layer
+        torch.testing.assert_close(a.vectors, b.vectors)
