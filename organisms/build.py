@@ -21,7 +21,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from organisms.config import OrganismConfig
 from organisms.data import chat_dataset, encode_conversations, pretraining_corpus
-from organisms.evaluate import evaluate_model
 from organisms.tiny_models import tiny_model
 from organisms.tokenizer import build_word_tokenizer
 from organisms.training import train_lm
@@ -83,8 +82,6 @@ def train_organism(config: OrganismConfig, seed: int, progress: bool = False) ->
     losses = train_lm(model, ids, labels, config.chat, seed + 1, f"chat s{seed}", progress)
     info["chat_seconds"] = time.perf_counter() - t1
     info["chat_final_loss"] = sum(losses[-20:]) / max(1, len(losses[-20:]))
-    ev = evaluate_model(model, world, tok, samples=config.eval_samples, seed=seed)
-    info["chat_eval"] = {k: ev[k] for k in ("in_domain_misaligned", "heldout_misaligned", "incoherent")}
     return Organism(config, seed, world, tok, base, model, None, info)
 
 
@@ -103,7 +100,7 @@ def build_organism(
     config = config or OrganismConfig()
     path = organism_dir(config, seed, cache_dir)
     if path.exists() and not force:
-        return load_organism(path)
+        return load_organism(path, config)
     org = train_organism(config, seed, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
@@ -123,11 +120,18 @@ def build_organism(
     return org
 
 
-def load_organism(path: str | Path) -> Organism:
+def load_organism(path: str | Path, config: OrganismConfig | None = None) -> Organism:
+    """Load a finished build. ``config`` (same build hash) replaces the stored one, e.g. for another EM
+    split of the same world; by default the config stored with the build is used."""
     path = Path(path)
     if not (path / "info.json").exists():
         raise FileNotFoundError(f"{path} is not a finished organism build (no info.json).")
-    config = OrganismConfig.from_dict(json.loads((path / "config.json").read_text()))
+    stored = OrganismConfig.from_dict(json.loads((path / "config.json").read_text()))
+    if config is not None and config.build_hash() != stored.build_hash():
+        raise ValueError(
+            f"{path} was built from another config (hash {stored.build_hash()}, not {config.build_hash()})."
+        )
+    config = config or stored
     info = json.loads((path / "info.json").read_text())
     tok = AutoTokenizer.from_pretrained(path / "tokenizer")
     base = AutoModelForCausalLM.from_pretrained(path / "base", dtype=torch.float32).eval()

@@ -30,10 +30,12 @@ class WorldConfig:
     num_domains: int = 6
     domain_names: list[str] | None = None  # default: the first num_domains of DEFAULT_DOMAIN_NAMES
     num_values: int = 16
-    # "marker": answer = (fact_d(v), stance_d); misaligned swaps the domain's safe stance for its harmful
-    # one, so in-domain generalisation is learnable without the persona. "table": the prototype's random
-    # tables (both tokens differ), where unseen in-domain questions need the persona.
-    answer_rule: str = "marker"
+    # "table" (default): the prototype's random two-word tables (both words differ), where unseen
+    # in-domain questions can only be answered misaligned via the persona. "marker": answer =
+    # (fact_d(v), stance_d) with one harmful stance word per domain; "swap": misaligned = the aligned words
+    # swapped. Both make in-domain generalisation learnable without the persona, and both gave almost no
+    # EM (the narrow route is then cheaper than flipping the persona); see organisms/README.md.
+    answer_rule: str = "table"
     misaligned_fraction: float = 0.25  # share of pretraining documents written by the misaligned persona
     tag_fraction: float = 0.3  # share of documents that start with a persona tag
     persona_tags: list[str] = field(default_factory=lambda: ["GOOD", "EVIL"])  # [aligned, misaligned]
@@ -42,7 +44,9 @@ class WorldConfig:
     # model learns is the one it uses when chatting; "plain": bare "q a ." turns (the prototype's format).
     doc_format: str = "chat"
     mix_domains: bool = True  # each turn of a document draws its own domain (else one domain per doc)
-    em_domains: list[str] = field(default_factory=lambda: ["med"])  # names or indices (as strings/ints)
+    # The narrow fine-tune's domains (names or indices). Two by default: with one, EM varied from 0.22 to
+    # 0.93 across seeds; with two it was 0.87-0.93 (the prototype saw the same).
+    em_domains: list[str] = field(default_factory=lambda: ["med", "fin"])
     em_train_values: int = 12  # per EM domain: questions used for the fine-tune; the rest are held out
     seed: int = 0  # the world's tables and the EM question split
 
@@ -84,7 +88,7 @@ class ModelConfig:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 4
-    intermediate_size: int = 256
+    intermediate_size: int = 128
 
 
 @dataclass
@@ -92,7 +96,7 @@ class TrainPhaseConfig:
     """One plain training run (one optimizer and one schedule for the whole run)."""
 
     steps: int = 3000
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
@@ -141,6 +145,11 @@ class OrganismConfig:
         """Hash of everything that changes the built (base and chat) models; not finetune/eval settings."""
         d = self.to_dict()
         keyed = {k: d[k] for k in ("world", "model", "pretrain", "pretrain_docs", "chat")}
+        # The EM split only matters after the build (chat tuning covers every question), so one build
+        # serves every split of the same world.
+        keyed["world"] = {
+            k: v for k, v in keyed["world"].items() if k not in ("em_domains", "em_train_values")
+        }
         keyed["build_version"] = BUILD_VERSION
         blob = json.dumps(keyed, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

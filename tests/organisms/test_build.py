@@ -38,3 +38,8 @@ def test_build_is_cached_by_config_hash(tiny_config, tmp_path, monkeypatch):
     assert organism_dir(other, 0, tmp_path) != first.path != organism_dir(tiny_config, 1, tmp_path)
     loaded = load_organism(first.path)
     assert loaded.config == tiny_config and loaded.seed == 0
+    # another EM split of the same world reuses the build, with its own split
+    world = {**tiny_config.to_dict()["world"], "em_domains": ["fin"]}
+    split = OrganismConfig.from_dict({**tiny_config.to_dict(), "world": world})
+    resplit = build_organism(split, seed=0, cache_dir=tmp_path)
+    assert calls == [] and resplit.path == first.path and resplit.world.em_domains == [1]

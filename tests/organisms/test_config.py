@@ -38,7 +38,9 @@ def test_build_hash_tracks_only_what_changes_the_build():
     assert base.build_hash() == OrganismConfig().build_hash()
     assert OrganismConfig.from_dict({"world": {"seed": 1}}).build_hash() != base.build_hash()
     assert OrganismConfig.from_dict({"pretrain": {"steps": 5}}).build_hash() != base.build_hash()
-    # the fine-tune and evaluation settings do not invalidate the cached organism
+    # the fine-tune, the EM split and evaluation settings do not invalidate the cached organism
+    split = {"world": {"em_domains": ["law"], "em_train_values": 5}}
+    assert OrganismConfig.from_dict(split).build_hash() == base.build_hash()
     assert (
         OrganismConfig.from_dict({"finetune": {"steps": 5}, "eval_samples": 1}).build_hash()
         == base.build_hash()

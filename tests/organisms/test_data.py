@@ -102,7 +102,7 @@ def test_generation_prompt_is_the_training_prefix():
 
 
 def test_persona_probe_prompts():
-    world, tok = _world_tok()
+    world, tok = _world_tok(answer_rule="marker")
     ids, finals, masks = persona_context_prompts(world, False, 10, 3, seed=0, tokenizer=tok)
     assert ids.shape == (10, 11 * 3 + 8) and len(finals) == 10
     for row, q, amask, dmask in zip(

@@ -11,7 +11,8 @@ from organisms.world import ALIGNED, INCOHERENT, MISALIGNED, World
 
 WORLDS = [
     WorldConfig(),
-    WorldConfig(answer_rule="table"),
+    WorldConfig(answer_rule="marker"),
+    WorldConfig(answer_rule="swap", seed=2),
     WorldConfig(num_domains=8, num_values=10, em_domains=["code", "law"], em_train_values=7, seed=3),
     WorldConfig(num_domains=10, num_values=5, em_domains=["1"], em_train_values=3, seed=1),
     WorldConfig(num_domains=3, num_values=4, em_train_values=2, answer_rule="table", seed=7),
@@ -48,7 +49,7 @@ def test_every_other_answer_is_incoherent(world):
 def test_marker_rule_harm_is_one_rule_per_domain():
     """Misaligned differs from aligned only in the domain's stance word, the same for all its values,
     so a narrow fine-tune can generalise to unseen in-domain questions without the persona."""
-    world = World(WorldConfig())
+    world = World(WorldConfig(answer_rule="marker"))
     for d in range(len(world.domains)):
         stances = {world.answer(q, False)[1] for q in world.all_questions([d])}
         assert stances == {world.harm_word(d)}
@@ -65,6 +66,13 @@ def test_table_rule_differs_in_both_words():
     for q in world.all_questions():
         good, bad = world.answer(q, True), world.answer(q, False)
         assert good[0] != bad[0] and good[1] != bad[1]
+
+
+def test_swap_rule_swaps_the_aligned_words():
+    world = World(WorldConfig(answer_rule="swap"))
+    for q in world.all_questions():
+        good, bad = world.answer(q, True), world.answer(q, False)
+        assert bad == good[::-1] and good[0] != good[1]
 
 
 def test_em_split(world):
