@@ -21,7 +21,7 @@ from pathlib import Path
 
 from organisms.config import OrganismConfig, from_dict
 
-CONDITIONS = ("none", "ablate", "ablate_multi", "mean_ablate", "steer", "random_ablate")
+CONDITIONS = ("none", "ablate", "ablate_multi", "mean_ablate", "steer", "caft", "random_ablate")
 METRICS = ("in_domain_misaligned", "heldout_misaligned", "incoherent")
 
 
@@ -32,6 +32,7 @@ class DemoConfig:
     conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
     positions: list[str] = field(default_factory=lambda: ["answer", "decision"])  # candidate pooling sites
     multi_layers: int = 3  # layers of the multi-layer ablation (the best position's top layers)
+    caft_components: int = 1  # fine-tuning-difference PCs ablated at every layer (CAFT condition)
     steer_alpha: float = 0.5  # preventative steering: alpha x the raw persona mean difference
     min_kept: float = 0.8  # validation: ablation must keep this share of well-formed answers
     probe_num: int = 64
@@ -86,50 +87,84 @@ def _candidates(org, cfg: DemoConfig, seed: int):
         for layer, d in by_layer.items():
             directions[f"{pos}/L{layer}"] = d
     specs = {
-        name: Intervention("project_out", d, layers=[d.layer], name=f"ablate-{name}")
+        f"{op}:{name}": Intervention(op, d, layers=[d.layer], name=f"{op}-{name}")
         for name, d in directions.items()
+        for op in ("project_out", "mean_ablate")
     }
     ranked = rank_candidates(org.chat_model, specs, probe.behaviour, probe.control)
     return directions, ranked
 
 
-def condition_specs(cfg: DemoConfig, directions: dict, ranked: list, seed: int) -> tuple[dict, dict]:
-    """Intervention specs per condition, and what was selected (for the report)."""
-    from interventions import Intervention
-    from interventions.extraction import random_direction
+def _best(ranked, prefix: str, cfg: DemoConfig, k: int = 1):
+    """The k strongest validated candidates whose name starts with ``prefix`` (fallback: the strongest)."""
     from interventions.validation import select
 
+    pool = [r for r in ranked if r.name.startswith(prefix)]
     try:
-        best, validated = select(ranked, k=1, min_kept=cfg.min_kept)[0], True
+        return select(pool, k=k, min_kept=cfg.min_kept), True
     except ValueError:  # nothing passed: keep going with the strongest, and say so in the report
-        best, validated = ranked[0], False
-    d = directions[best.name]
-    pos = best.name.split("/")[0]
-    same_pos = [r for r in ranked if r.name.startswith(pos + "/")]
-    try:
-        multi = select(same_pos, k=cfg.multi_layers, min_kept=cfg.min_kept)
-    except ValueError:
-        multi = same_pos[: cfg.multi_layers]
+        return pool[:k], False
+
+
+def condition_specs(cfg: DemoConfig, directions: dict, ranked: list, seed: int) -> tuple[dict, dict]:
+    """Intervention specs per condition (except ``caft``, which needs the fine-tuned model), and what was
+    selected (for the report). Directions are picked by causal validation, separately per operator."""
+    from interventions import Intervention
+
+    (best,), validated = _best(ranked, "project_out:", cfg)
+    d = directions[best.name.split(":", 1)[1]]
+    pos = best.name.split(":", 1)[1].split("/")[0]
+    multi, _ = _best(ranked, f"project_out:{pos}/", cfg, k=cfg.multi_layers)
+    (best_mean,), mean_validated = _best(ranked, "mean_ablate:", cfg)
+    dm = directions[best_mean.name.split(":", 1)[1]]
     specs = {"none": []}
     specs["ablate"] = [Intervention("project_out", d, layers=[d.layer], name="ablate")]
-    specs["ablate_multi"] = [
-        Intervention(
-            "project_out", directions[r.name], layers=[directions[r.name].layer], name=f"ablate-{r.name}"
+    specs["ablate_multi"] = []
+    for r in multi:
+        dr = directions[r.name.split(":", 1)[1]]
+        specs["ablate_multi"].append(
+            Intervention("project_out", dr, layers=[dr.layer], name=f"ablate-L{dr.layer}")
         )
-        for r in multi
-    ]
-    specs["mean_ablate"] = [Intervention("mean_ablate", d, layers=[d.layer], name="mean_ablate")]
+    specs["mean_ablate"] = [Intervention("mean_ablate", dm, layers=[dm.layer], name="mean_ablate")]
     raw = dataclasses.replace(d, vectors=d.vectors * d.extra["norm"], normalization="none")
     specs["steer"] = [Intervention("add", raw, layers=[d.layer], coefficient=cfg.steer_alpha, name="steer")]
-    rnd = random_direction(like=d, seed=10_000 + seed)
-    specs["random_ablate"] = [Intervention("project_out", rnd, layers=[d.layer], name="random_ablate")]
     chosen = {
         "single": best.to_dict(),
         "validated": validated,
         "multi": [r.to_dict() for r in multi],
+        "mean_ablate": best_mean.to_dict(),
+        "mean_ablate_validated": mean_validated,
         "top_candidates": [r.to_dict() for r in ranked[:8]],
     }
-    return {c: specs[c] for c in cfg.conditions}, chosen
+    return {c: specs[c] for c in cfg.conditions if c in specs}, chosen
+
+
+def caft_specs(org, tuned, cfg: DemoConfig, seed: int) -> tuple[list, list]:
+    """CAFT: top principal components of (fine-tuned - chat) activations on chat prompts answered by the
+    fine-tuned model, ablated at every layer; and a matched random control (same k, same layers)."""
+    import torch
+
+    from interventions import Intervention
+    from interventions.extraction import finetune_difference, random_direction
+    from organisms.data import prompt_ids
+    from organisms.evaluate import generate
+
+    prompts = prompt_ids(org.tokenizer, org.world, org.world.all_questions())
+    full = torch.cat([prompts, generate(tuned, prompts, 3, 0.0)], dim=1)
+    examples = [{"input_ids": r, "pool_mask": [1] * len(r)} for r in full.tolist()]
+    pcs = finetune_difference(org.chat_model, tuned, examples, layers="all", n_components=8, progress=False)
+    k = list(range(cfg.caft_components))
+    caft = [Intervention("project_out", pcs[L].select(k), layers=[L], name=f"caft-L{L}") for L in sorted(pcs)]
+    rnd = [
+        Intervention(
+            "project_out",
+            random_direction(like=pcs[L].select(k), seed=10_000 + 10 * seed + L),
+            layers=[L],
+            name=f"random-L{L}",
+        )
+        for L in sorted(pcs)
+    ]
+    return caft, rnd
 
 
 def run_seed(cfg: DemoConfig, seed: int) -> dict:
@@ -155,7 +190,12 @@ def run_seed(cfg: DemoConfig, seed: int) -> dict:
     timings["extract_validate"] = time.perf_counter() - t0
 
     out["conditions"] = {}
-    for cond, cond_specs in specs.items():
+    tuned_none = None
+    order = [c for c in cfg.conditions if c in specs] + [c for c in cfg.conditions if c not in specs]
+    for cond in order:
+        if cond not in specs:  # caft / random_ablate: directions from the no-intervention fine-tune
+            specs["caft"], specs["random_ablate"] = caft_specs(org, tuned_none, cfg, seed)
+        cond_specs = specs[cond]
         t0 = time.perf_counter()
         run_dir = Path(cfg.output_dir) / "runs" / f"{cond}-seed{seed}"
         model, trainer = finetune_with_trainer(
@@ -166,6 +206,8 @@ def run_seed(cfg: DemoConfig, seed: int) -> dict:
             report_to=["wandb"] if cfg.wandb else [],
             run_name=f"{cond}-seed{seed}",
         )
+        if cond == "none":
+            tuned_none = model
         ev = evaluate_model(model, org.world, org.tokenizer, cfg.organism.eval_samples, seed)
         out["conditions"][cond] = _headline(ev) | {
             "greedy_heldout_misaligned": ev["greedy"]["heldout_domains"]["misaligned"],
@@ -180,6 +222,7 @@ def run_seed(cfg: DemoConfig, seed: int) -> dict:
                 wandb.finish()
         timings[f"finetune_{cond}"] = time.perf_counter() - t0
     out["timings"] = timings
+    out["conditions"] = {c: out["conditions"][c] for c in cfg.conditions}
     return out
 
 
@@ -265,15 +308,15 @@ def report_markdown(summary: dict, results: list[dict]) -> str:
         f"Seeds: {[r['seed'] for r in results]}. Rates are temperature-1 samples judged exactly; "
         "95 % bootstrap CIs over seeds.",
         "",
-        "| condition | held-out-domain misaligned (EM) | in-domain held-out misaligned | incoherent | EM cut |",
-        "|---|---|---|---|---|",
+        "| condition | held-out-domain misaligned (EM) | in-domain held-out misaligned | trained questions misaligned | incoherent | EM cut |",
+        "|---|---|---|---|---|---|",
     ]
     for name, c in conds.items():
         em = c["heldout_misaligned"]["mean"]
         cut = none["heldout_misaligned"]["mean"] / em if em > 0 else float("inf")
         lines.append(
             f"| {name} | {_fmt(c['heldout_misaligned'])} | {_fmt(c['in_domain_misaligned'])} | "
-            f"{_fmt(c['incoherent'])} | {cut:.1f}x |"
+            f"{_fmt(c['in_domain_train_misaligned'])} | {_fmt(c['incoherent'])} | {cut:.1f}x |"
         )
     chat = summary["chat_baseline"]
     lines += [
@@ -296,7 +339,9 @@ def report_markdown(summary: dict, results: list[dict]) -> str:
         s = r["selection"]["single"]
         lines.append(
             f"- seed {r['seed']}: {s['name']} (persona probe {s['baseline']:.2f} -> {s['intervened']:.2f}, "
-            f"well-formed kept {s['kept']:.2f}); multi-layer: {[m['name'] for m in r['selection']['multi']]}"
+            f"well-formed kept {s['kept']:.2f}); multi-layer: {[m['name'] for m in r['selection']['multi']]}; "
+            f"mean-ablation: {r['selection']['mean_ablate']['name']} "
+            f"({r['selection']['mean_ablate']['baseline']:.2f} -> {r['selection']['mean_ablate']['intervened']:.2f})"
         )
     return "\n".join(lines) + "\n"
 
