@@ -172,6 +172,11 @@ def run_seed(cfg: DemoConfig, seed: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()  # the demo shows one bar over seeds; per-map bars are noise here
+    transformers.logging.set_verbosity_error()
     from organisms.build import build_organism
     from organisms.evaluate import evaluate_model
     from organisms.finetune import finetune_with_trainer
@@ -251,6 +256,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "wandb-cache"), ("WANDB_DATA_DIR", "wandb-data")):
         os.environ.setdefault(var, str((out_dir / sub).resolve()))
     os.environ.setdefault("WANDB_PROJECT", "keel-demo")
+    os.environ.setdefault("WANDB_SILENT", "true")
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -80,6 +80,9 @@ def finetune_with_trainer(
         processing_class=org.tokenizer,
         interventions=list(interventions),
     )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # metrics go to W&B / log_history, not stdout
     trainer.train()
     model.eval()
     return model, trainer
