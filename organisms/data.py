@@ -128,7 +128,7 @@ def prompt_ids(tokenizer, world: World, questions) -> torch.Tensor:
         )
         for q in questions
     ]
-    rows = [r["input_ids"] if isinstance(r, dict) or hasattr(r, "keys") else r for r in rows]
+    rows = [r["input_ids"] if hasattr(r, "keys") else r for r in rows]  # transformers 5 returns a BatchEncoding
     return torch.tensor(rows)
 
 
