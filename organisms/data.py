@@ -128,7 +128,8 @@ def prompt_ids(tokenizer, world: World, questions) -> torch.Tensor:
         )
         for q in questions
     ]
-    rows = [r["input_ids"] if hasattr(r, "keys") else r for r in rows]  # transformers 5 returns a BatchEncoding
+    # transformers 5 returns a BatchEncoding here, older versions a list of ids
+    rows = [r["input_ids"] if hasattr(r, "keys") else r for r in rows]
     return torch.tensor(rows)
 
 
