@@ -1,7 +1,8 @@
 """Training-step overhead of interventions against plain ``SFTTrainer`` on the same model, data and seed.
 
-Time: every case trains in this one process, in alternating rounds (plain, a, b, c, plain, a, ...), and
-the median step time of each case is divided by plain's. Memory: each case runs once more in a fresh
+Time: all cases live in this one process and take single optimisation steps in turn (plain, a, b, c,
+then the next round in rotated order); each case's time ratio is the median over rounds of its step time
+divided by plain's in the same round, so the machine's drift cancels. Memory: each case runs once more in a fresh
 subprocess; peak = CUDA ``max_memory_allocated`` on GPU, or on CPU the growth of the process's peak RSS
 from just before the model is built (what the run itself added: weights, optimizer, activations).
 """
@@ -18,7 +19,6 @@ import sys
 import time
 
 import torch
-from transformers import TrainerCallback
 
 SIZES = {
     # ~50M parameters: the CPU figure the issue asks for.
@@ -54,21 +54,6 @@ def _interventions(case: str, num_layers: int, d_model: int) -> list[dict]:
     if case == "steer_1_layer":
         return [{"operator": "add", "direction": "random:2:1", "layers": [mid], "coefficient": 4.0}]
     return []
-
-
-class _StepTimer(TrainerCallback):
-    def __init__(self):
-        self.durations, self._t0 = [], 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self._t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.durations.append(time.perf_counter() - self._t0)
 
 
 def _dataset(vocab: int, n: int, seq: int):
@@ -148,6 +133,42 @@ def _peak_memory_child(
     return _peak_rss() - base
 
 
+def _paired_step_times(trainers: dict, steps: int, device: str) -> dict[str, list[float]]:
+    """Alternate single optimisation steps between the cases (rotating the order each round), so slow
+    drift of the machine hits every case alike; the first round only warms up."""
+    prepared = {}
+    for case, trainer in trainers.items():
+        trainer.create_optimizer_and_scheduler(num_training_steps=steps + 1)
+        batch = next(iter(trainer.get_train_dataloader()))
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # what train() sets before its first step
+        if hasattr(trainer, "intervention_set"):
+            trainer.intervention_set.attach()
+        prepared[case] = (trainer, batch)
+    times: dict[str, list[float]] = {c: [] for c in trainers}
+    order = list(trainers)
+    try:
+        for step in range(steps + 1):
+            for case in order[step % len(order) :] + order[: step % len(order)]:
+                trainer, batch = prepared[case]
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                trainer.training_step(trainer.model, batch)
+                trainer.optimizer.step()
+                trainer.optimizer.zero_grad()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if step > 0:
+                    times[case].append(time.perf_counter() - t0)
+    finally:
+        for trainer, _ in prepared.values():
+            if hasattr(trainer, "intervention_set"):
+                trainer.intervention_set.detach(force=True)
+    return times
+
+
 def run(
     size: str = "50m",
     device: str = "cpu",
@@ -157,18 +178,15 @@ def run(
     seq: int = 128,
     out_dir: str = "runs/bench/tmp",
 ) -> dict:
-    times: dict[str, list[float]] = {c: [] for c in CASES}
-    for r in range(rounds):
-        for case in CASES:
-            timer = _StepTimer()
-            trainer = _trainer(case, size, steps, batch, seq, device, out_dir)
-            trainer.add_callback(timer)
-            trainer.train()
-            times[case] += timer.durations[1:]  # the first step of each run warms caches
-            print(
-                f"  round {r + 1}/{rounds} {case}: median step {statistics.median(timer.durations[1:]):.4f}s",
-                flush=True,
-            )
+    """``rounds * steps`` timed steps per case, interleaved step by step with plain SFTTrainer."""
+    trainers = {case: _trainer(case, size, steps, batch, seq, device, out_dir) for case in CASES}
+    times = _paired_step_times(trainers, rounds * steps, device)
+    del trainers
+    for case in CASES:
+        print(
+            f"  {case}: median step {statistics.median(times[case]):.4f}s over {len(times[case])} steps",
+            flush=True,
+        )
     memory = {}
     for case in CASES:
         cmd = [
@@ -191,9 +209,11 @@ def run(
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
         memory[case] = float(out.strip().splitlines()[-1])
     median = {c: statistics.median(v) for c, v in times.items()}
+    # each timed step of a case against the plain step of the same round: drift cancels in the ratio
+    paired = {c: statistics.median(a / b for a, b in zip(times[c], times["plain"])) for c in CASES}
     results = {
         case: {
-            "time_ratio": median[case] / median["plain"],
+            "time_ratio": paired[case],
             "memory_ratio": memory[case] / memory["plain"],
             "step_seconds": median[case],
             "peak_memory_bytes": memory[case],

@@ -24,7 +24,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help="number of pretraining seeds: runs seeds 0..N-1")
     p.add_argument("--workers", type=int, help="worker processes (one thread each); default 2")
     p.add_argument(
-        "--conditions", nargs="+", help="subset of: none ablate ablate_multi mean_ablate steer random_ablate"
+        "--conditions",
+        nargs="+",
+        help="subset of: none ablate ablate_multi mean_ablate steer caft random_ablate",
     )
     p.add_argument("--output-dir", help="default runs/demo")
     p.add_argument("--cache-dir", help="organism build cache; default runs/organisms")
