@@ -87,7 +87,7 @@ def _trainer(case: str, size: str, steps: int, batch: int, seq: int, device: str
         report_to=[],
         logging_steps=10_000,
         save_strategy="no",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         seed=0,
         disable_tqdm=True,
         max_length=seq,

@@ -62,7 +62,7 @@ def finetune_with_trainer(
         max_length=64,
         use_cpu=True,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         dataloader_drop_last=True,
         save_strategy="no",
         logging_steps=max(1, phase.steps // 10),

@@ -43,7 +43,7 @@ def main(out: str, per_device_batch: int) -> None:
         logging_steps=1,
         save_strategy="no",
         assistant_only_loss=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         seed=0,
         data_seed=0,
         ddp_find_unused_parameters=False,

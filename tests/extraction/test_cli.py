@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -67,6 +68,10 @@ def test_finetune_diff_with_wandb_offline(saved, tmp_path, monkeypatch):
     assert d.k == 3 and d.is_orthonormal() and d.source == str(saved / "all.jsonl")
     logs = list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
     assert logs, os.listdir(tmp_path)
+    # wandb's service process appends the records to the offline log; give it a bounded moment to flush
+    deadline = time.monotonic() + 30
+    while b"caft-test" not in logs[0].read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert b"caft-test" in logs[0].read_bytes()  # the artifact record is in the offline run
 
 
