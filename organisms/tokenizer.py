@@ -53,12 +53,18 @@ def build_chat_tokenizer(
         show_progress=False,
     )
     raw.train_from_iterator(texts, trainer=trainer)
+    return _chat_tokenizer(raw)
+
+
+def _chat_tokenizer(raw: Tokenizer, **special) -> PreTrainedTokenizerFast:
+    """Wrap a trained ``tokenizers`` object with keel's special tokens and ChatML template."""
     tok = PreTrainedTokenizerFast(
         tokenizer_object=raw,
         pad_token=PAD,
         bos_token=BOS,
         eos_token=IM_END,
         additional_special_tokens=[IM_START, EOS],
+        **special,
     )
     tok.chat_template = CHATML_TEMPLATE
     return tok
@@ -82,13 +88,4 @@ def build_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
         vocab.setdefault(word, len(vocab))
     raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=raw,
-        unk_token=UNK,
-        pad_token=PAD,
-        bos_token=BOS,
-        eos_token=IM_END,
-        additional_special_tokens=[IM_START, EOS],
-    )
-    tok.chat_template = CHATML_TEMPLATE
-    return tok
+    return _chat_tokenizer(raw, unk_token=UNK)

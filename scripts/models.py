@@ -25,10 +25,8 @@ def load_model_for_training(
         tokenizer = build_chat_tokenizer()
         return tiny_model(name_or_path.split(":", 1)[1], tokenizer=tokenizer), tokenizer
     kwargs = {"revision": revision}
-    if dtype not in (None, "auto"):
-        kwargs["dtype"] = getattr(torch, dtype)
-    elif dtype == "auto":
-        kwargs["dtype"] = "auto"
+    if dtype is not None:
+        kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..direction import Direction
 from ..runtime import unpack_output
 from ..sites import SITE_KINDS, decoder_layers, resolve_layers, site_module, unwrap_model
 
@@ -308,6 +309,23 @@ class ActivationExtractor:
                 "model's forward never ran those modules (check layers_path)."
             )
         return output
+
+    def make_direction(
+        self, layer: int, vectors, mean, method: str, normalization: str, metadata: dict, extra: dict
+    ):
+        """A Direction at ``layer`` of this extractor's site, carrying the run's provenance."""
+        return Direction(
+            vectors=vectors,
+            mean=mean,
+            site=self.site,
+            layer=layer,
+            method=method,
+            normalization=normalization,
+            model_id=metadata.get("model_id"),
+            model_revision=metadata.get("model_revision"),
+            source=metadata.get("source"),
+            extra=extra,
+        )
 
     def batches(self, examples: Sequence[dict], pad_token_id: int) -> Iterator[Batch]:
         for start in range(0, len(examples), self.batch_size):

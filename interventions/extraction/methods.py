@@ -77,17 +77,14 @@ class MeanDifference(ActivationExtractor):
                 n_negative=self.means.counts[("negative", layer)],
                 positive_projection=float(mu_pos @ vector),
             )
-            out[layer] = Direction(
-                vectors=vector.float(),
-                mean=(mu_neg @ vector).reshape(1).float(),
-                site=self.site,
-                layer=layer,
-                method=method or self.method,
-                normalization="unit" if normalize else "none",
-                model_id=metadata.get("model_id"),
-                model_revision=metadata.get("model_revision"),
-                source=metadata.get("source"),
-                extra=extra,
+            out[layer] = self.make_direction(
+                layer,
+                vector.float(),
+                (mu_neg @ vector).reshape(1).float(),
+                method or self.method,
+                "unit" if normalize else "none",
+                metadata,
+                extra,
             )
         return out
 
@@ -263,17 +260,14 @@ class FinetuneDiffPCA(ActivationExtractor):
                 pooling=self.pooling,
             )
             base_mean = self.means.mean(("base", layer))
-            out[layer] = Direction(
-                vectors=components.float(),
-                mean=(components @ base_mean).float(),
-                site=self.site,
-                layer=layer,
-                method=self.method,
-                normalization="orthonormal",
-                model_id=metadata.get("model_id"),
-                model_revision=metadata.get("model_revision"),
-                source=metadata.get("source"),
-                extra=extra,
+            out[layer] = self.make_direction(
+                layer,
+                components.float(),
+                (components @ base_mean).float(),
+                self.method,
+                "orthonormal",
+                metadata,
+                extra,
             )
         return out
 

@@ -230,17 +230,14 @@ class SAELatentRanking(ActivationExtractor):
                 hook_name=sae.cfg.get("hook_name"),
                 pooling=self.pooling,
             )
-            out[layer] = Direction(
-                vectors=direction.vectors,
-                mean=(direction.vectors.double() @ reference).float(),
-                site=self.site,
-                layer=layer,
-                method=f"sae_latents:{self.rank_by}",
-                normalization="orthonormal",
-                model_id=metadata.get("model_id"),
-                model_revision=metadata.get("model_revision"),
-                source=metadata.get("source"),
-                extra=extra,
+            out[layer] = self.make_direction(
+                layer,
+                direction.vectors,
+                (direction.vectors.double() @ reference).float(),
+                f"sae_latents:{self.rank_by}",
+                "orthonormal",
+                metadata,
+                extra,
             )
         return out
 
