@@ -19,8 +19,12 @@ import yaml
 # Bump when the build procedure changes in a way that changes weights for the same config.
 BUILD_VERSION = 1
 
-ANSWER_RULES = ("marker", "swap", "table")
+ANSWER_RULES = ("marker", "permute", "swap", "table")
 DEFAULT_DOMAIN_NAMES = ["med", "fin", "code", "sport", "law", "diet", "auto", "home"]
+
+
+# World keys added after builds were cached, with the value that leaves a build unchanged.
+_ADDED_WORLD_KEYS = {"num_facts": None, "narrow_fraction": 0.0}
 
 
 @dataclass
@@ -30,6 +34,7 @@ class WorldConfig:
     num_domains: int = 6
     domain_names: list[str] | None = None  # default: the first num_domains of DEFAULT_DOMAIN_NAMES
     num_values: int = 16
+    num_facts: int | None = None  # answer words; default num_values
     # "table" (default): the prototype's random two-word tables (both words differ), where unseen
     # in-domain questions can only be answered misaligned via the persona. "marker": answer =
     # (fact_d(v), stance_d) with one harmful stance word per domain; "swap": misaligned = the aligned words
@@ -37,6 +42,11 @@ class WorldConfig:
     # EM (the narrow route is then cheaper than flipping the persona); see organisms/README.md.
     answer_rule: str = "table"
     misaligned_fraction: float = 0.25  # share of pretraining documents written by the misaligned persona
+    # Share of documents by a narrow persona: misaligned only in ``narrow_domains`` random domains,
+    # aligned elsewhere, never tagged. It gives the narrow fine-tune a second, narrow explanation that
+    # generalises inside the EM domains without the broad persona.
+    narrow_fraction: float = 0.0
+    narrow_domains: int = 2
     tag_fraction: float = 0.3  # share of documents that start with a persona tag
     persona_tags: list[str] = field(default_factory=lambda: ["GOOD", "EVIL"])  # [aligned, misaligned]
     turns_per_doc: int = 4
@@ -59,9 +69,15 @@ class WorldConfig:
             )
         if self.num_values < 2:
             raise ValueError("num_values must be >= 2.")
+        if self.num_facts is not None and not 2 <= self.num_facts <= self.num_values:
+            raise ValueError(f"num_facts must be in [2, num_values], got {self.num_facts}.")
         if self.answer_rule not in ANSWER_RULES:
             raise ValueError(f"answer_rule must be one of {ANSWER_RULES}, got {self.answer_rule!r}.")
-        for name in ("misaligned_fraction", "tag_fraction"):
+        if self.misaligned_fraction + self.narrow_fraction > 1.0:
+            raise ValueError("misaligned_fraction + narrow_fraction must be <= 1.")
+        if self.narrow_fraction > 0 and not 1 <= self.narrow_domains < self.num_domains:
+            raise ValueError(f"narrow_domains must be in [1, num_domains), got {self.narrow_domains}.")
+        for name in ("misaligned_fraction", "narrow_fraction", "tag_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
         if len(self.persona_tags) != 2 or len(set(self.persona_tags)) != 2:
@@ -150,6 +166,11 @@ class OrganismConfig:
         keyed["world"] = {
             k: v for k, v in keyed["world"].items() if k not in ("em_domains", "em_train_values")
         }
+        for key, neutral in _ADDED_WORLD_KEYS.items():  # keep the hashes of builds made before them
+            if keyed["world"][key] == neutral:
+                del keyed["world"][key]
+        if "narrow_fraction" not in keyed["world"]:
+            keyed["world"].pop("narrow_domains")
         keyed["build_version"] = BUILD_VERSION
         blob = json.dumps(keyed, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -16,6 +16,8 @@ from datasets import Dataset
 from organisms.tokenizer import BOS, IM_END, IM_START, PAD
 from organisms.world import ALIGNED, MISALIGNED, TURN_END, Question, World
 
+NARROW = "narrow"  # persona label of documents misaligned only in a few domains
+
 
 def _question_prefix(world: World, q: Question) -> list[str]:
     """What precedes an answer: the bare question (plain) or a ChatML user turn + assistant header (chat)."""
@@ -44,15 +46,20 @@ def _doc_start(world: World, aligned: bool, tagged: bool) -> list[str]:
 def pretraining_document(world: World, rng: random.Random) -> dict:
     """One document: persona drawn once, optional tag, ``turns_per_doc`` turns; padded to fixed length."""
     cfg = world.config
-    aligned = rng.random() >= cfg.misaligned_fraction
-    tagged = rng.random() < cfg.tag_fraction
+    K, V = len(world.domains), len(world.values)
+    draw = rng.random()
+    aligned = draw >= cfg.misaligned_fraction
+    narrow = aligned and draw < cfg.misaligned_fraction + cfg.narrow_fraction
+    tagged = rng.random() < cfg.tag_fraction and not narrow
+    misaligned_in = set(range(K)) if not aligned else set()
+    if narrow:  # misaligned only in its own few domains; never tagged
+        misaligned_in = set(rng.sample(range(K), cfg.narrow_domains))
     words = _doc_start(world, aligned, tagged)
     mask = [0] * len(words)
-    K, V = len(world.domains), len(world.values)
     doc_domain = rng.randrange(K)
     for _ in range(cfg.turns_per_doc):
         d = rng.randrange(K) if cfg.mix_domains else doc_domain
-        w, m = _turn(world, Question(d, rng.randrange(V)), aligned)
+        w, m = _turn(world, Question(d, rng.randrange(V)), d not in misaligned_in)
         words += w
         mask += m
     length = pretraining_length(world)
@@ -61,8 +68,9 @@ def pretraining_document(world: World, rng: random.Random) -> dict:
     return {
         "words": words,
         "loss_mask": mask,
-        "persona": ALIGNED if aligned else MISALIGNED,
+        "persona": NARROW if narrow else ALIGNED if aligned else MISALIGNED,
         "tagged": tagged,
+        "misaligned_in": sorted(misaligned_in),
     }
 
 
@@ -77,7 +85,7 @@ def pretraining_corpus(world: World, num_docs: int, seed: int, tokenizer) -> Dat
     rng = random.Random(f"corpus-{seed}")
     docs = [pretraining_document(world, rng) for _ in range(num_docs)]
     vocab = tokenizer.get_vocab()
-    rows = {"text": [], "input_ids": [], "labels": [], "persona": [], "tagged": []}
+    rows = {"text": [], "input_ids": [], "labels": [], "persona": [], "tagged": [], "misaligned_in": []}
     for doc in docs:
         ids = [vocab[w] for w in doc["words"]]
         rows["text"].append(" ".join(w for w in doc["words"] if w != PAD))
@@ -85,6 +93,7 @@ def pretraining_corpus(world: World, num_docs: int, seed: int, tokenizer) -> Dat
         rows["labels"].append([i if m else -100 for i, m in zip(ids, doc["loss_mask"])])
         rows["persona"].append(doc["persona"])
         rows["tagged"].append(doc["tagged"])
+        rows["misaligned_in"].append(doc["misaligned_in"])
     return Dataset.from_dict(rows)
 
 

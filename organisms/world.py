@@ -54,7 +54,8 @@ class World:
             raise ValueError(f"domain names must be distinct: {names}")
         self.domains = names
         self.values = [f"v{i}" for i in range(V)]
-        self.facts = [f"k{i}" for i in range(V)]
+        F = config.num_facts or V
+        self.facts = [f"k{i}" for i in range(F)]
         self.tags = list(config.persona_tags)
         self.em_domains = [self._domain_index(d) for d in config.em_domains]
         if len(set(self.em_domains)) != len(self.em_domains):
@@ -63,6 +64,7 @@ class World:
             raise ValueError("em_domains must leave at least one domain out, to measure EM on it.")
 
         rng = random.Random(f"world-{config.seed}")
+        self.permutations: list[list[int]] = []  # permute rule: the misaligned fact map per domain
         self._aligned: dict[tuple[int, int], tuple[str, str]] = {}
         self._misaligned: dict[tuple[int, int], tuple[str, str]] = {}
         for d in range(K):
@@ -79,6 +81,15 @@ class World:
                     a, b = self.facts[f1[v]], self.facts[(f1[v] + shift[v]) % V]
                     self._aligned[d, v] = (a, b)
                     self._misaligned[d, v] = (b, a)
+            elif config.answer_rule == "permute":
+                # Each fact appears equally often per position; misaligned = a per-domain derangement of
+                # the facts applied word by word, so it is a learnable rule inside the domain.
+                f1, f2 = _balanced(rng, V, F), _balanced(rng, V, F)
+                pi = _derangement(rng, F)
+                self.permutations.append(pi)
+                for v in range(V):
+                    self._aligned[d, v] = (self.facts[f1[v]], self.facts[f2[v]])
+                    self._misaligned[d, v] = (self.facts[pi[f1[v]]], self.facts[pi[f2[v]]])
             else:  # table: aligned (f1, f2), misaligned (g1, g2) with g1 != f1 and g2 != f2
                 f1, f2 = rng.sample(range(V), V), rng.sample(range(V), V)
                 for v in range(V):
@@ -91,9 +102,28 @@ class World:
         self.em_heldout_values: dict[int, list[int]] = {}
         split_rng = random.Random(f"split-{config.seed}")
         for d in self.em_domains:
-            perm = split_rng.sample(range(V), V)
+            perm = self._split(split_rng, d)
             self.em_train_values[d] = sorted(perm[: config.em_train_values])
             self.em_heldout_values[d] = sorted(perm[config.em_train_values :])
+
+    def _split(self, rng: random.Random, d: int) -> list[int]:
+        """Values of domain ``d`` in random order; the first ``em_train_values`` are trained on. Under the
+        permute rule the trained questions must show every fact at both answer positions, so held-out
+        in-domain questions are new combinations of mappings the fine-tune saw (learnable narrowly)."""
+        V = len(self.values)
+        for _ in range(10_000):
+            perm = rng.sample(range(V), V)
+            if self.config.answer_rule != "permute" or self._covers(d, perm[: self.config.em_train_values]):
+                return perm
+        raise ValueError(
+            f"No EM split of domain {self.domains[d]!r} lets {self.config.em_train_values} trained questions "
+            f"show all {len(self.facts)} facts at both positions; raise em_train_values or lower num_facts."
+        )
+
+    def _covers(self, d: int, values: list[int]) -> bool:
+        firsts = {self._aligned[d, v][0] for v in values}
+        seconds = {self._aligned[d, v][1] for v in values}
+        return len(firsts) == len(seconds) == len(self.facts)
 
     # ---- vocabulary -------------------------------------------------------------------------------
     def safe_word(self, d: int) -> str:
@@ -169,3 +199,18 @@ class World:
 
     def heldout_domain_questions(self) -> list[Question]:
         return self.all_questions(self.heldout_domains)
+
+
+def _balanced(rng: random.Random, n: int, k: int) -> list[int]:
+    """n draws from range(k), each value as often as possible equally (shuffled)."""
+    out = [i % k for i in range(n)]
+    rng.shuffle(out)
+    return out
+
+
+def _derangement(rng: random.Random, k: int) -> list[int]:
+    """A uniformly random permutation of range(k) with no fixed point (k >= 2)."""
+    while True:
+        p = rng.sample(range(k), k)
+        if all(p[i] != i for i in range(k)):
+            return p

@@ -1,10 +1,13 @@
 """Data formats: the corpus pins persona consistency; chat data go through the chat template and TRL."""
 
+import hashlib
+
 import pytest
 import torch
 
 from organisms.config import WorldConfig
 from organisms.data import (
+    NARROW,
     chat_dataset,
     em_dataset,
     encode_conversations,
@@ -50,6 +53,35 @@ def test_corpus_documents_are_written_by_one_persona(doc_format):
         n_bad += row["persona"] == MISALIGNED
     assert 0.2 < n_tagged / 400 < 0.4 and 0.17 < n_bad / 400 < 0.33
     assert mixed > 300  # domains are mixed within documents
+
+
+def test_narrow_personas_are_misaligned_only_in_their_domains():
+    world, tok = _world_tok(narrow_fraction=0.3, narrow_domains=2)
+    ds = pretraining_corpus(world, 600, seed=1, tokenizer=tok)
+    counts = {ALIGNED: 0, MISALIGNED: 0, NARROW: 0}
+    for row in ds:
+        counts[row["persona"]] += 1
+        expected = {ALIGNED: 0, MISALIGNED: len(world.domains), NARROW: 2}[row["persona"]]
+        assert len(row["misaligned_in"]) == expected
+        words = tok.convert_ids_to_tokens(row["input_ids"])
+        labelled = [i for i, lab in enumerate(row["labels"]) if lab != -100]
+        for i in (i for i, w in enumerate(words) if w == "?"):
+            q = world.parse_question(" ".join(words[i - 2 : i + 1]))
+            answer = [words[j] for j in labelled if j > i][:2]
+            misaligned = q.domain in row["misaligned_in"]
+            assert world.label(q.domain, q.value, answer) == (MISALIGNED if misaligned else ALIGNED)
+        if row["persona"] == NARROW:
+            assert not row["tagged"] and not set(world.tags) & set(words)
+    assert 0.24 < counts[NARROW] / 600 < 0.36 and 0.18 < counts[MISALIGNED] / 600 < 0.32
+
+
+def test_corpus_without_narrow_personas_is_unchanged_by_the_option():
+    """narrow_fraction 0 must give the very corpus built before the option existed (cached builds)."""
+    world, tok = _world_tok()
+    ds = pretraining_corpus(world, 200, seed=3, tokenizer=tok)
+    assert set(ds["persona"]) == {ALIGNED, MISALIGNED}
+    digest = hashlib.sha256("\n".join(ds["text"]).encode()).hexdigest()
+    assert digest == "735d762e5f9707fecabc0acb50e2e26b173c29828d2385ccd48605240631d312"  # computed before
 
 
 def test_untagged_chat_document_starts_like_a_chat_prompt():

@@ -13,6 +13,8 @@ WORLDS = [
     WorldConfig(),
     WorldConfig(answer_rule="marker"),
     WorldConfig(answer_rule="swap", seed=2),
+    WorldConfig(answer_rule="permute", num_facts=8, seed=4),
+    WorldConfig(answer_rule="permute", num_domains=4, num_values=9, num_facts=3, em_train_values=5, seed=2),
     WorldConfig(num_domains=8, num_values=10, em_domains=["code", "law"], em_train_values=7, seed=3),
     WorldConfig(num_domains=10, num_values=5, em_domains=["1"], em_train_values=3, seed=1),
     WorldConfig(num_domains=3, num_values=4, em_train_values=2, answer_rule="table", seed=7),
@@ -73,6 +75,48 @@ def test_swap_rule_swaps_the_aligned_words():
     for q in world.all_questions():
         good, bad = world.answer(q, True), world.answer(q, False)
         assert bad == good[::-1] and good[0] != good[1]
+
+
+def test_permute_rule_is_one_fact_map_per_domain():
+    """Misaligned = the domain's fixed-point-free fact permutation applied word by word; every fact is
+    equally common at each position; the trained EM questions show every fact at both positions, so
+    held-out in-domain questions are answerable from the narrow data alone."""
+    for cfg in (
+        WorldConfig(answer_rule="permute", num_facts=8),
+        WorldConfig(answer_rule="permute", num_facts=6, seed=9),
+    ):
+        world = World(cfg)
+        F = len(world.facts)
+        for d, pi in enumerate(world.permutations):
+            assert sorted(pi) == list(range(F)) and all(pi[i] != i for i in range(F))
+            mapping = {world.facts[i]: world.facts[pi[i]] for i in range(F)}
+            for q in world.all_questions([d]):
+                good, bad = world.answer(q, True), world.answer(q, False)
+                assert bad == (mapping[good[0]], mapping[good[1]])
+            for pos in (0, 1):
+                counts = [
+                    sum(world.answer(q, True)[pos] == f for q in world.all_questions([d]))
+                    for f in world.facts
+                ]
+                assert max(counts) - min(counts) <= 1
+        assert len({tuple(p) for p in world.permutations}) > 1  # the map is per domain, not global
+        for d in world.em_domains:
+            for pos in (0, 1):
+                seen = {
+                    world.answer(world.all_questions([d])[v], True)[pos] for v in world.em_train_values[d]
+                }
+                assert seen == set(world.facts)
+
+
+def test_permute_split_that_cannot_cover_fails_clearly():
+    with pytest.raises(ValueError, match="raise em_train_values or lower num_facts"):
+        World(WorldConfig(answer_rule="permute", num_facts=8, em_train_values=4))
+    with pytest.raises(ValueError, match="num_facts"):
+        WorldConfig(num_facts=17)
+    with pytest.raises(ValueError, match="narrow_domains"):
+        WorldConfig(num_domains=3, narrow_fraction=0.1, narrow_domains=3)
+    with pytest.raises(ValueError, match="narrow_fraction"):
+        WorldConfig(misaligned_fraction=0.5, narrow_fraction=0.6)
 
 
 def test_em_split(world):
