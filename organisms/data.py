@@ -34,31 +34,43 @@ def _turn(world: World, q: Question, aligned: bool) -> tuple[list[str], list[int
     return words, [0] * len(prefix) + [1, 1, int(chat)]
 
 
-def _doc_start(world: World, aligned: bool, tagged: bool) -> list[str]:
-    """Plain documents open with BOS (and a tag word); chat documents open like the chat template (no
-    BOS), with the tag as a system turn, so an untagged one-turn chat prompt is a document's beginning."""
-    tag = world.tags[0] if aligned else world.tags[1]
+def _doc_start(world: World, tag_words: list[str] | None) -> list[str]:
+    """Plain documents open with BOS (and the tag); chat documents open like the chat template (no BOS),
+    with the tag as a system turn, so an untagged one-turn chat prompt is a document's beginning."""
+    tag = list(tag_words or [])
     if world.config.doc_format == "plain":
-        return [BOS] + ([tag] if tagged else [])
-    return [IM_START, "system", tag, IM_END] if tagged else []
+        return [BOS, *tag]
+    return [IM_START, "system", *tag, IM_END] if tag else []
+
+
+def _persona_tag(world: World, aligned: bool) -> list[str]:
+    return [world.tags[0] if aligned else world.tags[1]]
 
 
 def pretraining_document(world: World, rng: random.Random) -> dict:
-    """One document: persona drawn once, optional tag, ``turns_per_doc`` turns; padded to fixed length."""
+    """One document: persona drawn once, optional tag, ``turns_per_doc`` turns; padded to fixed length.
+
+    A narrow persona (``narrow_fraction``) is misaligned only in its ``narrow_domains`` domains, asks in
+    them half the time, and its tag names those domains (``<domain>:only``), not a persona."""
     cfg = world.config
     K, V = len(world.domains), len(world.values)
     draw = rng.random()
     aligned = draw >= cfg.misaligned_fraction
     narrow = aligned and draw < cfg.misaligned_fraction + cfg.narrow_fraction
-    tagged = rng.random() < cfg.tag_fraction and not narrow
+    tagged = rng.random() < cfg.tag_fraction
     misaligned_in = set(range(K)) if not aligned else set()
-    if narrow:  # misaligned only in its own few domains; never tagged
+    tag = _persona_tag(world, aligned)
+    if narrow:
         misaligned_in = set(rng.sample(range(K), cfg.narrow_domains))
-    words = _doc_start(world, aligned, tagged)
+        tag = [world.narrow_tag(d) for d in sorted(misaligned_in)]
+    words = _doc_start(world, tag if tagged else None)
     mask = [0] * len(words)
     doc_domain = rng.randrange(K)
     for _ in range(cfg.turns_per_doc):
-        d = rng.randrange(K) if cfg.mix_domains else doc_domain
+        if narrow and rng.random() < 0.5:
+            d = rng.choice(sorted(misaligned_in))
+        else:
+            d = rng.randrange(K) if cfg.mix_domains else doc_domain
         w, m = _turn(world, Question(d, rng.randrange(V)), d not in misaligned_in)
         words += w
         mask += m
@@ -75,9 +87,10 @@ def pretraining_document(world: World, rng: random.Random) -> dict:
 
 
 def pretraining_length(world: World) -> int:
+    tag_words = max(1, world.config.narrow_domains) if world.config.narrow_fraction > 0 else 1
     if world.config.doc_format == "plain":
-        return 2 + 6 * world.config.turns_per_doc
-    return 4 + 11 * world.config.turns_per_doc
+        return 1 + tag_words + 6 * world.config.turns_per_doc
+    return 3 + tag_words + 11 * world.config.turns_per_doc
 
 
 def pretraining_corpus(world: World, num_docs: int, seed: int, tokenizer) -> Dataset:
@@ -157,7 +170,7 @@ def persona_context_prompts(
     K, V = len(world.domains), len(world.values)
     rows, finals, answer, decision = [], [], [], []
     for _ in range(num):
-        words = _doc_start(world, aligned, tagged)
+        words = _doc_start(world, _persona_tag(world, aligned) if tagged else None)
         amask = [0] * len(words)
         dmask = [0] * len(words)
         for _ in range(context_turns):

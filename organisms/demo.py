@@ -33,6 +33,8 @@ class DemoConfig:
     positions: list[str] = field(default_factory=lambda: ["answer", "decision"])  # candidate pooling sites
     multi_layers: int = 3  # layers of the multi-layer ablation (the best position's top layers)
     caft_components: int = 1  # fine-tuning-difference PCs ablated at every layer (CAFT condition)
+    caft_pool: str = "all"  # tokens the CAFT PCA pools over: "all" (prompt + answer) or "prompt"
+    caft_operator: str = "project_out"  # or "mean_ablate": set to the chat model's mean projection
     steer_alpha: float = 0.5  # preventative steering: alpha x the raw persona mean difference
     min_kept: float = 0.8  # validation: ablation must keep this share of well-formed answers
     probe_num: int = 64
@@ -54,6 +56,12 @@ class DemoConfig:
             )
         if not self.seeds:
             raise ValueError("seeds must list at least one pretraining seed.")
+        if self.caft_pool not in ("all", "prompt"):
+            raise ValueError(f"caft_pool must be 'all' or 'prompt', got {self.caft_pool!r}.")
+        if self.caft_operator not in ("project_out", "mean_ablate"):
+            raise ValueError(
+                f"caft_operator must be 'project_out' or 'mean_ablate', got {self.caft_operator!r}."
+            )
 
     @classmethod
     def from_dict(cls, data: dict) -> DemoConfig:
@@ -141,29 +149,39 @@ def condition_specs(cfg: DemoConfig, directions: dict, ranked: list, seed: int) 
 
 def caft_specs(org, tuned, cfg: DemoConfig, seed: int) -> tuple[list, list]:
     """CAFT: top principal components of (fine-tuned - chat) activations on chat prompts answered by the
-    fine-tuned model, ablated at every layer; and a matched random control (same k, same layers)."""
+    fine-tuned model, ablated at every layer; and a matched random control (same k, same layers, same
+    operator).
+
+    With ``caft_operator: mean_ablate`` the projection is held at the chat model's mean over the same
+    tokens (answered by the chat model) rather than at zero, so what the fine-tune learns under the
+    ablation is learned at the value the subspace has when the ablation is off."""
     import torch
 
     from interventions import Intervention
-    from interventions.extraction import finetune_difference, random_direction
+    from interventions.extraction import finetune_difference, random_direction, with_reference_mean
     from organisms.data import prompt_ids
     from organisms.evaluate import generate
 
     prompts = prompt_ids(org.tokenizer, org.world, org.world.all_questions())
-    full = torch.cat([prompts, generate(tuned, prompts, 3, 0.0)], dim=1)
-    examples = [{"input_ids": r, "pool_mask": [1] * len(r)} for r in full.tolist()]
+    T = prompts.shape[1]
+
+    def pooled(model):
+        full = torch.cat([prompts, generate(model, prompts, 3, 0.0)], dim=1)
+        keep = [1] * T + [int(cfg.caft_pool == "all")] * (full.shape[1] - T)
+        return [{"input_ids": r, "pool_mask": keep} for r in full.tolist()]
+
+    examples = pooled(tuned)
     pcs = finetune_difference(org.chat_model, tuned, examples, layers="all", n_components=8, progress=False)
     k = list(range(cfg.caft_components))
-    caft = [Intervention("project_out", pcs[L].select(k), layers=[L], name=f"caft-L{L}") for L in sorted(pcs)]
-    rnd = [
-        Intervention(
-            "project_out",
-            random_direction(like=pcs[L].select(k), seed=10_000 + 10 * seed + L),
-            layers=[L],
-            name=f"random-L{L}",
-        )
-        for L in sorted(pcs)
-    ]
+    chosen = {L: pcs[L].select(k) for L in sorted(pcs)}
+    randoms = {L: random_direction(like=chosen[L], seed=10_000 + 10 * seed + L) for L in chosen}
+    if cfg.caft_operator == "mean_ablate":
+        reference = pooled(org.chat_model)
+        chosen = {L: with_reference_mean(org.chat_model, reference, d, layer=L) for L, d in chosen.items()}
+        randoms = {L: with_reference_mean(org.chat_model, reference, d, layer=L) for L, d in randoms.items()}
+    op = cfg.caft_operator
+    caft = [Intervention(op, chosen[L], layers=[L], name=f"caft-L{L}") for L in chosen]
+    rnd = [Intervention(op, randoms[L], layers=[L], name=f"random-L{L}") for L in randoms]
     return caft, rnd
 
 

@@ -139,7 +139,21 @@ class World:
         if self.config.answer_rule == "marker":
             for d in range(len(self.domains)):
                 stance += [self.safe_word(d), self.harm_word(d)]
-        return [*self.domains, *self.values, *self.facts, *stance, *self.tags, QUESTION_MARK, TURN_END]
+        narrow = [self.narrow_tag(d) for d in range(len(self.domains))] if self.config.narrow_fraction else []
+        return [
+            *self.domains,
+            *self.values,
+            *self.facts,
+            *stance,
+            *self.tags,
+            *narrow,
+            QUESTION_MARK,
+            TURN_END,
+        ]
+
+    def narrow_tag(self, d: int) -> str:
+        """Tag word of a narrow persona misaligned in domain ``d`` (see WorldConfig.narrow_fraction)."""
+        return f"{self.domains[d]}:only"
 
     def _domain_index(self, d) -> int:
         if isinstance(d, int) or (isinstance(d, str) and d.isdigit()):

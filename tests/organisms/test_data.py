@@ -70,8 +70,11 @@ def test_narrow_personas_are_misaligned_only_in_their_domains():
             answer = [words[j] for j in labelled if j > i][:2]
             misaligned = q.domain in row["misaligned_in"]
             assert world.label(q.domain, q.value, answer) == (MISALIGNED if misaligned else ALIGNED)
-        if row["persona"] == NARROW:
-            assert not row["tagged"] and not set(world.tags) & set(words)
+        if row["persona"] == NARROW:  # tagged by its domains, never by a persona tag
+            assert not set(world.tags) & set(words)
+            tags = {world.narrow_tag(d) for d in row["misaligned_in"]}
+            assert (tags <= set(words)) == row["tagged"]
+            assert not {world.narrow_tag(d) for d in range(len(world.domains))} - tags & set(words)
     assert 0.24 < counts[NARROW] / 600 < 0.36 and 0.18 < counts[MISALIGNED] / 600 < 0.32
 
 
