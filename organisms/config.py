@@ -45,8 +45,8 @@ class WorldConfig:
     # Share of documents by a narrow persona: misaligned only in ``narrow_domains`` random domains,
     # aligned elsewhere, never tagged. It gives the narrow fine-tune a second, narrow explanation that
     # generalises inside the EM domains without the broad persona.
-    narrow_fraction: float = 0.0
-    narrow_domains: int = 2
+    narrow_fraction: float = 0.05
+    narrow_domains: int = 1
     tag_fraction: float = 0.3  # share of documents that start with a persona tag
     persona_tags: list[str] = field(default_factory=lambda: ["GOOD", "EVIL"])  # [aligned, misaligned]
     turns_per_doc: int = 4

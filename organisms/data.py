@@ -66,8 +66,10 @@ def pretraining_document(world: World, rng: random.Random) -> dict:
     words = _doc_start(world, tag if tagged else None)
     mask = [0] * len(words)
     doc_domain = rng.randrange(K)
+    if narrow and not cfg.mix_domains:
+        doc_domain = rng.choice(sorted(misaligned_in))
     for _ in range(cfg.turns_per_doc):
-        if narrow and rng.random() < 0.5:
+        if narrow and cfg.mix_domains and rng.random() < 0.5:
             d = rng.choice(sorted(misaligned_in))
         else:
             d = rng.randrange(K) if cfg.mix_domains else doc_domain

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from organisms.config import OrganismConfig, from_dict
 
-CONDITIONS = ("none", "ablate", "ablate_multi", "mean_ablate", "steer", "caft", "random_ablate")
+CONDITIONS = ("none", "ablate", "ablate_multi", "mean_ablate", "steer", "caft", "caft_mean", "random_ablate")
+# Conditions whose directions come from the no-intervention fine-tune (so they run after ``none``).
+AFTER_NONE = ("caft", "caft_mean", "random_ablate")
 METRICS = ("in_domain_misaligned", "heldout_misaligned", "incoherent")
 
 
@@ -34,7 +36,6 @@ class DemoConfig:
     multi_layers: int = 3  # layers of the multi-layer ablation (the best position's top layers)
     caft_components: int = 1  # fine-tuning-difference PCs ablated at every layer (CAFT condition)
     caft_pool: str = "all"  # tokens the CAFT PCA pools over: "all" (prompt + answer) or "prompt"
-    caft_operator: str = "project_out"  # or "mean_ablate": set to the chat model's mean projection
     steer_alpha: float = 0.5  # preventative steering: alpha x the raw persona mean difference
     min_kept: float = 0.8  # validation: ablation must keep this share of well-formed answers
     probe_num: int = 64
@@ -58,10 +59,6 @@ class DemoConfig:
             raise ValueError("seeds must list at least one pretraining seed.")
         if self.caft_pool not in ("all", "prompt"):
             raise ValueError(f"caft_pool must be 'all' or 'prompt', got {self.caft_pool!r}.")
-        if self.caft_operator not in ("project_out", "mean_ablate"):
-            raise ValueError(
-                f"caft_operator must be 'project_out' or 'mean_ablate', got {self.caft_operator!r}."
-            )
 
     @classmethod
     def from_dict(cls, data: dict) -> DemoConfig:
@@ -147,14 +144,12 @@ def condition_specs(cfg: DemoConfig, directions: dict, ranked: list, seed: int) 
     return {c: specs[c] for c in cfg.conditions if c in specs}, chosen
 
 
-def caft_specs(org, tuned, cfg: DemoConfig, seed: int) -> tuple[list, list]:
-    """CAFT: top principal components of (fine-tuned - chat) activations on chat prompts answered by the
-    fine-tuned model, ablated at every layer; and a matched random control (same k, same layers, same
-    operator).
-
-    With ``caft_operator: mean_ablate`` the projection is held at the chat model's mean over the same
-    tokens (answered by the chat model) rather than at zero, so what the fine-tune learns under the
-    ablation is learned at the value the subspace has when the ablation is off."""
+def caft_specs(org, tuned, cfg: DemoConfig, seed: int) -> dict[str, list]:
+    """CAFT: the top principal components of (fine-tuned - chat) activations on chat prompts answered by
+    the fine-tuned model, ablated at every layer. ``caft`` ablates them to zero (the published recipe);
+    ``caft_mean`` holds their projection at the chat model's mean over the same tokens (answered by the
+    chat model), so what the fine-tune learns under the ablation is learned at the value the subspace
+    has once the ablation is off. ``random_ablate`` is the matched control of ``caft`` (same k, layers)."""
     import torch
 
     from interventions import Intervention
@@ -170,19 +165,23 @@ def caft_specs(org, tuned, cfg: DemoConfig, seed: int) -> tuple[list, list]:
         keep = [1] * T + [int(cfg.caft_pool == "all")] * (full.shape[1] - T)
         return [{"input_ids": r, "pool_mask": keep} for r in full.tolist()]
 
-    examples = pooled(tuned)
-    pcs = finetune_difference(org.chat_model, tuned, examples, layers="all", n_components=8, progress=False)
+    pcs = finetune_difference(
+        org.chat_model, tuned, pooled(tuned), layers="all", n_components=8, progress=False
+    )
     k = list(range(cfg.caft_components))
     chosen = {L: pcs[L].select(k) for L in sorted(pcs)}
-    randoms = {L: random_direction(like=chosen[L], seed=10_000 + 10 * seed + L) for L in chosen}
-    if cfg.caft_operator == "mean_ablate":
-        reference = pooled(org.chat_model)
-        chosen = {L: with_reference_mean(org.chat_model, reference, d, layer=L) for L, d in chosen.items()}
-        randoms = {L: with_reference_mean(org.chat_model, reference, d, layer=L) for L, d in randoms.items()}
-    op = cfg.caft_operator
-    caft = [Intervention(op, chosen[L], layers=[L], name=f"caft-L{L}") for L in chosen]
-    rnd = [Intervention(op, randoms[L], layers=[L], name=f"random-L{L}") for L in randoms]
-    return caft, rnd
+    reference = pooled(org.chat_model)
+    held = {L: with_reference_mean(org.chat_model, reference, d, layer=L) for L, d in chosen.items()}
+    randoms = {L: random_direction(like=d, seed=10_000 + 10 * seed + L) for L, d in chosen.items()}
+    return {
+        "caft": [Intervention("project_out", d, layers=[L], name=f"caft-L{L}") for L, d in chosen.items()],
+        "caft_mean": [
+            Intervention("mean_ablate", d, layers=[L], name=f"caft_mean-L{L}") for L, d in held.items()
+        ],
+        "random_ablate": [
+            Intervention("project_out", d, layers=[L], name=f"random-L{L}") for L, d in randoms.items()
+        ],
+    }
 
 
 def run_seed(cfg: DemoConfig, seed: int) -> dict:
@@ -214,10 +213,12 @@ def run_seed(cfg: DemoConfig, seed: int) -> dict:
 
     out["conditions"] = {}
     tuned_none = None
-    order = [c for c in cfg.conditions if c in specs] + [c for c in cfg.conditions if c not in specs]
+    order = [c for c in cfg.conditions if c not in AFTER_NONE] + [
+        c for c in cfg.conditions if c in AFTER_NONE
+    ]
     for cond in order:
-        if cond not in specs:  # caft / random_ablate: directions from the no-intervention fine-tune
-            specs["caft"], specs["random_ablate"] = caft_specs(org, tuned_none, cfg, seed)
+        if cond not in specs:  # directions from the no-intervention fine-tune
+            specs.update(caft_specs(org, tuned_none, cfg, seed))
         cond_specs = specs[cond]
         t0 = time.perf_counter()
         run_dir = Path(cfg.output_dir) / "runs" / f"{cond}-seed{seed}"

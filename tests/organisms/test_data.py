@@ -26,7 +26,7 @@ def _world_tok(**kw):
 
 @pytest.mark.parametrize("doc_format", ["chat", "plain"])
 def test_corpus_documents_are_written_by_one_persona(doc_format):
-    world, tok = _world_tok(doc_format=doc_format)
+    world, tok = _world_tok(doc_format=doc_format, narrow_fraction=0.0)
     ds = pretraining_corpus(world, 400, seed=0, tokenizer=tok)
     assert len({len(r) for r in ds["input_ids"]}) == 1
     n_tagged = n_bad = mixed = 0
@@ -80,7 +80,7 @@ def test_narrow_personas_are_misaligned_only_in_their_domains():
 
 def test_corpus_without_narrow_personas_is_unchanged_by_the_option():
     """narrow_fraction 0 must give the very corpus built before the option existed (cached builds)."""
-    world, tok = _world_tok()
+    world, tok = _world_tok(narrow_fraction=0.0)
     ds = pretraining_corpus(world, 200, seed=3, tokenizer=tok)
     assert set(ds["persona"]) == {ALIGNED, MISALIGNED}
     digest = hashlib.sha256("\n".join(ds["text"]).encode()).hexdigest()

@@ -38,3 +38,40 @@ def test_cli_config_splits_demo_and_organism_keys(tmp_path):
     cfg = load_config(str(path))
     assert cfg.seeds == [3, 4] and cfg.organism.world.seed == 7 and cfg.organism.pretrain.steps == 9
     assert make_parser().parse_args(["--seeds", "5"]).seeds == 5
+
+
+def test_caft_mean_ablation_holds_the_chat_models_mean_projection(tiny_config, tmp_path):
+    """caft_mean holds each layer's PCs at the chat model's mean projection over the pooled tokens (here
+    the prompt tokens), recomputed here from output_hidden_states; caft and its random control ablate to
+    zero at the same layers with the same number of rows."""
+    import torch
+
+    from organisms.build import build_organism
+    from organisms.data import prompt_ids
+    from organisms.demo import caft_specs
+    from organisms.finetune import finetune_with_trainer
+
+    org = build_organism(tiny_config, 0, tmp_path / "cache")
+    tuned, _ = finetune_with_trainer(org, [], seed=0, output_dir=str(tmp_path / "ft"))
+    specs = caft_specs(org, tuned, DemoConfig(caft_pool="prompt", caft_components=2), seed=0)
+    assert {n: [s.layers for s in v] for n, v in specs.items()} == {
+        n: [[0], [1]] for n in ("caft", "caft_mean", "random_ablate")
+    }
+    assert [s.operator for s in specs["caft"] + specs["random_ablate"]] == ["project_out"] * 4
+    for a, b in zip(specs["caft"], specs["caft_mean"]):
+        assert torch.equal(a.direction.vectors, b.direction.vectors)
+    prompts = prompt_ids(org.tokenizer, org.world, org.world.all_questions())
+    with torch.no_grad():
+        hidden = org.chat_model(input_ids=prompts, output_hidden_states=True).hidden_states
+    spec = specs["caft_mean"][0]  # layer 0 (the last layer's hidden state is after the final norm)
+    d = spec.direction
+    assert spec.operator == "mean_ablate" and d.k == 2 and d.mean is not None
+    expected = (hidden[1].double() @ d.vectors.double().T).mean(dim=(0, 1))
+    torch.testing.assert_close(d.mean.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_demo_config_rejects_unknown_caft_pool():
+    import pytest
+
+    with pytest.raises(ValueError, match="caft_pool"):
+        DemoConfig(caft_pool="answers")
