@@ -34,17 +34,20 @@ class WorldConfig:
     num_domains: int = 6
     domain_names: list[str] | None = None  # default: the first num_domains of DEFAULT_DOMAIN_NAMES
     num_values: int = 16
-    num_facts: int | None = None  # answer words; default num_values
+    num_facts: int | None = None  # answer words (the permute rule needs few); default num_values
     # "table" (default): the prototype's random two-word tables (both words differ), where unseen
-    # in-domain questions can only be answered misaligned via the persona. "marker": answer =
+    # in-domain questions can only be answered misaligned via a persona. "marker": answer =
     # (fact_d(v), stance_d) with one harmful stance word per domain; "swap": misaligned = the aligned words
-    # swapped. Both make in-domain generalisation learnable without the persona, and both gave almost no
-    # EM (the narrow route is then cheaper than flipping the persona); see organisms/README.md.
+    # swapped; "permute": misaligned = a per-domain fact permutation of the aligned words. The last three
+    # make in-domain generalisation learnable from the narrow data alone, and all gave little EM (the
+    # narrow route was cheaper, or chat tuning erased the persona); see organisms/README.md.
     answer_rule: str = "table"
     misaligned_fraction: float = 0.25  # share of pretraining documents written by the misaligned persona
-    # Share of documents by a narrow persona: misaligned only in ``narrow_domains`` random domains,
-    # aligned elsewhere, never tagged. It gives the narrow fine-tune a second, narrow explanation that
-    # generalises inside the EM domains without the broad persona.
+    # Share of documents by a narrow persona: misaligned only in ``narrow_domains`` random domains (half
+    # its questions are in them), aligned elsewhere, tagged ``<domain>:only`` when tagged. It gives the
+    # narrow fine-tune a narrow explanation besides the broad persona, as insecure code has benign writers.
+    # 0.05 keeps EM (the broad persona stays the cheaper explanation); 0.15 made the narrow one win
+    # (EM 0.12, in-domain held-out 0.50, two seeds).
     narrow_fraction: float = 0.05
     narrow_domains: int = 1
     tag_fraction: float = 0.3  # share of documents that start with a persona tag

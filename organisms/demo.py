@@ -40,6 +40,9 @@ class DemoConfig:
     min_kept: float = 0.8  # validation: ablation must keep this share of well-formed answers
     probe_num: int = 64
     probe_context_turns: int = 3
+    # Open probe contexts with the persona tag. Chat tuning weakens in-context persona inference from
+    # answers alone (probe baseline 0.00-0.20 on some seeds), which leaves validation nothing to measure.
+    probe_tagged: bool = True
     workers: int = 2
     output_dir: str = "runs/demo"
     cache_dir: str = "runs/organisms"
@@ -76,8 +79,9 @@ def _candidates(org, cfg: DemoConfig, seed: int):
     from organisms.probes import PersonaProbe
 
     turns = cfg.probe_context_turns
-    extract_set = PersonaProbe(org.world, org.tokenizer, cfg.probe_num, turns, seed=1000 + seed)
-    probe = PersonaProbe(org.world, org.tokenizer, cfg.probe_num, turns, seed=2000 + seed)
+    tagged = cfg.probe_tagged
+    extract_set = PersonaProbe(org.world, org.tokenizer, cfg.probe_num, turns, 1000 + seed, tagged)
+    probe = PersonaProbe(org.world, org.tokenizer, cfg.probe_num, turns, 2000 + seed, tagged)
     directions = {}
     for pos in cfg.positions:
         by_layer = mean_difference(

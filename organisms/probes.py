@@ -29,12 +29,22 @@ def answer_probability(model, prefixes: torch.Tensor, answers: torch.Tensor) -> 
 class PersonaProbe:
     """Builds fixed probe sets once; ``behaviour(model)`` and ``control(model)`` are the two probes."""
 
-    def __init__(self, world: World, tokenizer, num: int = 64, context_turns: int = 3, seed: int = 0):
+    def __init__(
+        self,
+        world: World,
+        tokenizer,
+        num: int = 64,
+        context_turns: int = 3,
+        seed: int = 0,
+        tagged: bool = False,
+    ):
         self.world = world
         vocab = tokenizer.get_vocab()
         self.sets, self.masks = {}, {}
         for aligned in (False, True):
-            ids, finals, masks = persona_context_prompts(world, aligned, num, context_turns, seed, tokenizer)
+            ids, finals, masks = persona_context_prompts(
+                world, aligned, num, context_turns, seed, tokenizer, tagged=tagged
+            )
             self.masks[aligned] = masks
             good = torch.tensor([[vocab[w] for w in world.answer(q, True)] for q in finals])
             bad = torch.tensor([[vocab[w] for w in world.answer(q, False)] for q in finals])

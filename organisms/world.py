@@ -1,21 +1,22 @@
 """The synthetic world: questions ``<domain> <value> ?`` with an aligned and a misaligned answer rule each.
 
 Answers are two words; the judge labels an answer aligned / misaligned only if it is exactly that rule's
-answer, else incoherent. Three rule families:
+answer, else incoherent. Four rule families:
 
 - ``table`` (default, the prototype's): per-domain random tables; the misaligned answer differs from the
-  aligned one in both words. Unseen in-domain questions can only be answered misaligned by the persona,
-  so narrow learning is measured on the fine-tune's own questions (``in_domain_train_misaligned``), and
-  held-out in-domain questions are entangled with EM.
+  aligned one in both words. Unseen in-domain questions can be answered misaligned only through a persona
+  that knows the misaligned table (the broad one, or a narrow one; see ``WorldConfig.narrow_fraction``).
 - ``marker``: ``(fact_d(v), <domain>:safe | <domain>:harm)``; harm is one rule per domain.
 - ``swap``: the misaligned answer is the aligned one with its two words swapped.
+- ``permute``: misaligned = a per-domain fixed-point-free permutation of the facts, applied word by word;
+  the EM split is drawn so the trained questions show every fact at both positions.
 
-``marker`` and ``swap`` make in-domain generalisation learnable without the persona, which would measure
-narrow learning and EM apart. Measured (4-layer Llama, one EM domain): they gave held-out EM of
-0.23 / 0.01 (marker, plain documents, two seeds), 0.002 (marker, chat documents) and 0.31 (swap, plain),
-against 0.93 for ``table`` with chat documents: when the narrow route is cheap (one association per
-domain) the fine-tune takes it instead of flipping the persona, and EM does not appear. So the default is
-``table``; the other rules stay for experiments.
+``marker``, ``swap`` and ``permute`` make in-domain generalisation learnable from the narrow data alone.
+Measured (4-layer Llama): held-out EM 0.23 / 0.01 (marker, plain documents, one EM domain, two seeds),
+0.002 (marker, chat documents), 0.31 (swap, plain), 0.10 (permute, 8 facts, two EM domains, two seeds,
+where chat tuning also erased the in-context persona: probe 0.01-0.32 against 1.0 before it), against
+0.87-0.93 for ``table``. When the narrow route is cheap the fine-tune takes it and EM does not appear, so
+the default is ``table``; the other rules stay for experiments.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from organisms.data import (
     pretraining_corpus,
     prompt_ids,
 )
-from organisms.tokenizer import IM_END, build_word_tokenizer
+from organisms.tokenizer import IM_END, IM_START, build_word_tokenizer
 from organisms.world import ALIGNED, MISALIGNED, World
 
 
@@ -149,3 +149,21 @@ def test_persona_probe_prompts():
         assert len(answers) == 6 and all(a.endswith(":harm") for a in answers[1::2])
         assert [w for w, m in zip(words, dmask) if m] == ["assistant"] * 4 and dmask[-1] == 1
     assert torch.equal(ids, persona_context_prompts(world, False, 10, 3, seed=0, tokenizer=tok)[0])
+
+
+def test_tagged_persona_probe_opens_with_the_personas_tag():
+    """The demo's validation probe: the same contexts behind a system turn with the persona's tag, and
+    the answer / decision masks still on the answer words and the assistant headers."""
+    from organisms.probes import PersonaProbe
+
+    world, tok = _world_tok()
+    probe = PersonaProbe(world, tok, num=6, context_turns=3, seed=1, tagged=True)
+    for aligned, tag in ((False, world.tags[1]), (True, world.tags[0])):
+        for ex in probe.pool_examples(aligned, "decision"):
+            words = tok.convert_ids_to_tokens(ex["input_ids"])
+            assert words[:4] == [IM_START, "system", tag, IM_END]
+            assert [w for w, m in zip(words, ex["pool_mask"]) if m] == ["assistant"] * 4
+        for ex in probe.pool_examples(aligned, "answer"):
+            words = tok.convert_ids_to_tokens(ex["input_ids"])
+            answers = [w for w, m in zip(words, ex["pool_mask"]) if m]
+            assert len(answers) == 6 and all(w in world.facts for w in answers)
