@@ -45,10 +45,10 @@ class WorldConfig:
     misaligned_fraction: float = 0.25  # share of pretraining documents written by the misaligned persona
     # Share of documents by a narrow persona: misaligned only in ``narrow_domains`` random domains (half
     # its questions are in them), aligned elsewhere, tagged ``<domain>:only`` when tagged. It gives the
-    # narrow fine-tune a narrow explanation besides the broad persona, as insecure code has benign writers.
-    # 0.05 keeps EM (the broad persona stays the cheaper explanation); 0.15 made the narrow one win
-    # (EM 0.12, in-domain held-out 0.50, two seeds).
-    narrow_fraction: float = 0.05
+    # narrow fine-tune a narrow explanation besides the broad persona (as insecure code has benign
+    # writers). Off by default: at 0.05 EM fell to 0.63 (one seed 0.16) and no intervention did better
+    # than in the default world; at 0.15 the narrow explanation won outright (EM 0.12, two seeds).
+    narrow_fraction: float = 0.0
     narrow_domains: int = 1
     tag_fraction: float = 0.3  # share of documents that start with a persona tag
     persona_tags: list[str] = field(default_factory=lambda: ["GOOD", "EVIL"])  # [aligned, misaligned]
