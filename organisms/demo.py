@@ -363,7 +363,8 @@ def report_markdown(summary: dict, results: list[dict]) -> str:
             for r in results
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "## Selected directions (causal validation on the in-context persona probe)", ""]
+    contexts = "tagged" if summary["config"].get("probe_tagged") else "untagged"
+    lines += ["", f"## Selected directions (causal validation on {contexts} persona contexts)", ""]
     for r in results:
         s = r["selection"]["single"]
         lines.append(

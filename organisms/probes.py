@@ -1,10 +1,11 @@
 """Persona probes of the organism, for causal validation of directions (interventions.validation).
 
-The behaviour probe asks: given pretraining-style text written by the misaligned persona (no tag), how
-much probability does the model put on the misaligned answer to the next question (relative to the
-aligned one)? A direction that carries the persona should, when ablated, pull this down. The control
-probe asks how much probability lands on either well-formed answer at all (aligned and misaligned
-contexts), so a direction whose ablation simply breaks the model is not mistaken for a persona direction.
+The behaviour probe asks: given pretraining-style text written by the misaligned persona (optionally
+behind its tag), how much probability does the model put on the misaligned answer to the next question
+(relative to the aligned one)? A direction that carries the persona should, when ablated, pull this
+down. The control probe asks how much probability lands on either well-formed answer at all (aligned and
+misaligned contexts), so a direction whose ablation simply breaks the model is not mistaken for a persona
+direction.
 Probabilities are teacher-forced (no sampling), so the probes are smooth and cheap.
 """
 
