@@ -74,6 +74,8 @@ class WorldConfig:
             raise ValueError("num_values must be >= 2.")
         if self.num_facts is not None and not 2 <= self.num_facts <= self.num_values:
             raise ValueError(f"num_facts must be in [2, num_values], got {self.num_facts}.")
+        if self.num_facts not in (None, self.num_values) and self.answer_rule != "permute":
+            raise ValueError("num_facts applies to answer_rule 'permute' only; drop it or switch rules.")
         if self.answer_rule not in ANSWER_RULES:
             raise ValueError(f"answer_rule must be one of {ANSWER_RULES}, got {self.answer_rule!r}.")
         if self.misaligned_fraction + self.narrow_fraction > 1.0:

@@ -113,6 +113,8 @@ def test_permute_split_that_cannot_cover_fails_clearly():
         World(WorldConfig(answer_rule="permute", num_facts=8, em_train_values=4))
     with pytest.raises(ValueError, match="num_facts"):
         WorldConfig(num_facts=17)
+    with pytest.raises(ValueError, match="permute"):
+        WorldConfig(num_facts=8, answer_rule="table")
     with pytest.raises(ValueError, match="narrow_domains"):
         WorldConfig(num_domains=3, narrow_fraction=0.1, narrow_domains=3)
     with pytest.raises(ValueError, match="narrow_fraction"):
