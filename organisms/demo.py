@@ -36,6 +36,9 @@ class DemoConfig:
     multi_layers: int = 3  # layers of the multi-layer ablation (the best position's top layers)
     caft_components: int = 1  # fine-tuning-difference PCs ablated at every layer (CAFT condition)
     caft_pool: str = "all"  # tokens the CAFT PCA pools over: "all" (prompt + answer) or "prompt"
+    # Questions the CAFT PCA runs on: "all", or "other_domains" (outside the EM domains: generic data, as
+    # the CAFT paper uses generic chat prompts, so the PCs show what changed where nothing should have).
+    caft_questions: str = "all"
     steer_alpha: float = 0.5  # preventative steering: alpha x the raw persona mean difference
     min_kept: float = 0.8  # validation: ablation must keep this share of well-formed answers
     probe_num: int = 64
@@ -62,6 +65,8 @@ class DemoConfig:
             raise ValueError("seeds must list at least one pretraining seed.")
         if self.caft_pool not in ("all", "prompt"):
             raise ValueError(f"caft_pool must be 'all' or 'prompt', got {self.caft_pool!r}.")
+        if self.caft_questions not in ("all", "other_domains"):
+            raise ValueError(f"caft_questions must be 'all' or 'other_domains', got {self.caft_questions!r}.")
 
     @classmethod
     def from_dict(cls, data: dict) -> DemoConfig:
@@ -161,7 +166,9 @@ def caft_specs(org, tuned, cfg: DemoConfig, seed: int) -> dict[str, list]:
     from organisms.data import prompt_ids
     from organisms.evaluate import generate
 
-    prompts = prompt_ids(org.tokenizer, org.world, org.world.all_questions())
+    world = org.world
+    questions = world.all_questions() if cfg.caft_questions == "all" else world.heldout_domain_questions()
+    prompts = prompt_ids(org.tokenizer, world, questions)
     T = prompts.shape[1]
 
     def pooled(model):

@@ -70,8 +70,10 @@ def test_caft_mean_ablation_holds_the_chat_models_mean_projection(tiny_config, t
     torch.testing.assert_close(d.mean.double(), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_demo_config_rejects_unknown_caft_pool():
+def test_demo_config_rejects_unknown_caft_options():
     import pytest
 
     with pytest.raises(ValueError, match="caft_pool"):
         DemoConfig(caft_pool="answers")
+    with pytest.raises(ValueError, match="caft_questions"):
+        DemoConfig(caft_questions="em_domains")
