@@ -77,3 +77,8 @@ def test_demo_config_rejects_unknown_caft_options():
         DemoConfig(caft_pool="answers")
     with pytest.raises(ValueError, match="caft_questions"):
         DemoConfig(caft_questions="em_domains")
+
+
+def test_cli_help_lists_every_condition():
+    action = next(a for a in make_parser()._actions if a.dest == "conditions")
+    assert action.help.split(": ", 1)[1].split() == list(CONDITIONS)
