@@ -8,7 +8,16 @@ from .direction import (
     load_sae_decoder_rows,
     save_directions,
 )
-from .operators import OPERATORS, add, clamp, mean_ablate, project_out, projection
+from .operators import (
+    NEEDS_REFERENCE,
+    OPERATORS,
+    add,
+    clamp,
+    mean_ablate,
+    project_out,
+    projection,
+    reference_ablate,
+)
 from .runtime import InterventionSet, TokenContext, unpack_output
 from .sites import (
     SITE_KINDS,
@@ -29,12 +38,14 @@ __all__ = [
     "load_plain_tensor",
     "load_sae_decoder_rows",
     "save_directions",
+    "NEEDS_REFERENCE",
     "OPERATORS",
     "add",
     "clamp",
     "mean_ablate",
     "project_out",
     "projection",
+    "reference_ablate",
     "InterventionSet",
     "TokenContext",
     "unpack_output",

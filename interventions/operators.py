@@ -42,9 +42,29 @@ def clamp(h: torch.Tensor, U: torch.Tensor, value: float | torch.Tensor, alpha: 
     return _apply(h, target - projection(h, U), U, alpha)
 
 
+def reference_ablate(
+    h: torch.Tensor, U: torch.Tensor, reference_coords: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
+    """Set the projection onto orthonormal ``U`` to a reference model's projection at the same tokens
+    (``reference_coords: [..., k]``, e.g. the frozen pre-fine-tune model on the same batch).
+
+    Token by token, the subspace carries exactly what it carried before fine-tuning: the fine-tune can
+    neither use a change along it nor learn to depend on a value (zero, a mean) the model never has.
+    """
+    return _apply(h, reference_coords.float() - projection(h, U), U, alpha)
+
+
 def add(h: torch.Tensor, v: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """Steer: ``h + alpha * sum_k v_k`` (rows of ``v`` are added as given; normalise them first if wanted)."""
     return h + (alpha * v.float().sum(0)).to(h.dtype)
 
 
-OPERATORS = {"project_out": project_out, "mean_ablate": mean_ablate, "clamp": clamp, "add": add}
+OPERATORS = {
+    "project_out": project_out,
+    "mean_ablate": mean_ablate,
+    "reference_ablate": reference_ablate,
+    "clamp": clamp,
+    "add": add,
+}
+# Operators whose target comes from a reference model's forward pass on the same batch.
+NEEDS_REFERENCE = ("reference_ablate",)

@@ -50,6 +50,7 @@ class _BoundOp:
     basis: torch.Tensor  # orthonormal basis used for diagnostics
     mean: torch.Tensor | None
     coefficient: float
+    reference: torch.Tensor | None = None  # reference_ablate: the reference model's coords, this batch
     _cache: dict = field(default_factory=dict)
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -67,7 +68,23 @@ class _BoundOp:
             return operators.mean_ablate(h, U, mean, a)
         if op == "clamp":
             return operators.clamp(h, U, self.spec.value, a)
+        if op == "reference_ablate":
+            return operators.reference_ablate(h, U, self._reference_for(h), a)
         return operators.add(h, U, a)
+
+    def _reference_for(self, h: torch.Tensor) -> torch.Tensor:
+        if self.reference is None:
+            raise RuntimeError(
+                f"Intervention {self.spec.name!r} ({self.spec.operator}) ran without the reference model's "
+                "activations for this batch. Inside keel trainers they come from the trainer's reference "
+                "model; elsewhere call InterventionSet.set_reference(reference_model, input_ids=...) first."
+            )
+        if self.reference.shape[:-1] != h.shape[:-1]:
+            raise RuntimeError(
+                f"Reference activations of shape {tuple(self.reference.shape[:-1])} do not match activations "
+                f"{tuple(h.shape[:-1])} at layer {self.layer}; set_reference() was given a different batch."
+            )
+        return self.reference.to(h.device)
 
 
 @dataclass
@@ -224,6 +241,57 @@ class InterventionSet:
         if completion_mask is None and labels is not None:
             completion_mask = labels != -100
         self.context = TokenContext(attention_mask, completion_mask, generating)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether some intervention takes its target from a reference model's pass (reference_ablate)."""
+        return any(op.spec.operator in operators.NEEDS_REFERENCE for op in self.ops)
+
+    def needs_reference_in(self, phase: str) -> bool:
+        return any(
+            op.spec.operator in operators.NEEDS_REFERENCE and phase in op.spec.phases for op in self.ops
+        )
+
+    @torch.no_grad()
+    def set_reference(self, reference_model: nn.Module, **inputs) -> None:
+        """Run ``reference_model`` on ``inputs`` (the batch of the next forward) and keep, for every
+        reference_ablate intervention, the reference's projection at its site and layer.
+
+        ``reference_model`` may be this set's own model (e.g. a PEFT model inside ``disable_adapter()``):
+        the pass runs with every intervention off.
+        """
+        ops = [op for op in self.ops if op.spec.operator in operators.NEEDS_REFERENCE]
+        captured: dict[tuple[str, int], torch.Tensor] = {}
+        handles = []
+
+        def capture(key):
+            def hook(module, args, output):
+                captured[key] = unpack_output(output)[0].detach()
+
+            def pre_hook(module, args, kwargs):
+                captured[key] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+            return pre_hook if key[0] == "resid_pre" else hook
+
+        try:
+            for key in {(op.spec.site, op.layer) for op in ops}:
+                module = site_module(reference_model, key[0], key[1], self.layers_path)
+                if key[0] == "resid_pre":
+                    handles.append(module.register_forward_pre_hook(capture(key), with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(capture(key)))
+            with self.phase(None):
+                reference_model(**inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for op in ops:
+            h = captured[(op.spec.site, op.layer)]
+            op.reference = operators.projection(h, op.on(h.device)[0])
+
+    def clear_reference(self) -> None:
+        for op in self.ops:
+            op.reference = None
 
     def set_step(self, step: int) -> None:
         """Move scheduled coefficients to training step ``step``."""

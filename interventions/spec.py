@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .direction import Direction, DirectionError, load_directions
-from .operators import OPERATORS
+from .operators import NEEDS_REFERENCE, OPERATORS
 from .sites import SITE_KINDS
 
 TOKENS = ("all", "prompt", "completion")
@@ -60,6 +60,9 @@ class Intervention:
     layer; by default each target layer uses the direction recorded for it.
     ``tokens``: positions acted on: ``all`` (also padding, as CAFT does), ``prompt`` or ``completion``
     (labels != -100; during generation: the newly generated tokens).
+    ``operator``: ``project_out``, ``mean_ablate`` (needs the direction's reference ``mean``),
+    ``reference_ablate`` (the projection a reference model has on the same batch; keel trainers keep a
+    frozen copy of the starting model for it), ``clamp`` (to ``value``) or ``add`` (steer).
     ``phases``: when it is on: ``train`` (default), ``reference`` (the reference pass of DPO/GRPO),
     ``generate``, ``eval``.
     """
@@ -100,6 +103,11 @@ class Intervention:
             raise SpecError(f"coefficient must be a number, got {self.coefficient!r}.") from None
         if self.operator == "clamp" and self.value is None:
             raise SpecError("operator 'clamp' needs `value` (the projection to clamp to).")
+        if self.operator in NEEDS_REFERENCE and not set(self.phases) <= {"train", "eval"}:
+            raise SpecError(
+                f"operator {self.operator!r} needs a reference model's pass over the same batch, which keel "
+                f"trainers run for the 'train' and 'eval' phases only; got phases {self.phases}."
+            )
         if self.direction is None:
             raise SpecError("`direction` is required: a path to a direction file, a Direction or a tensor.")
         if self.name is None:

@@ -21,9 +21,19 @@ from pathlib import Path
 
 from organisms.config import OrganismConfig, from_dict
 
-CONDITIONS = ("none", "ablate", "ablate_multi", "mean_ablate", "steer", "caft", "caft_mean", "random_ablate")
+CONDITIONS = (
+    "none",
+    "ablate",
+    "ablate_multi",
+    "mean_ablate",
+    "steer",
+    "caft",
+    "caft_mean",
+    "caft_ref",
+    "random_ablate",
+)
 # Conditions whose directions come from the no-intervention fine-tune (so they run after ``none``).
-AFTER_NONE = ("caft", "caft_mean", "random_ablate")
+AFTER_NONE = ("caft", "caft_mean", "caft_ref", "random_ablate")
 METRICS = ("in_domain_misaligned", "heldout_misaligned", "incoherent")
 
 
@@ -34,7 +44,7 @@ class DemoConfig:
     conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
     positions: list[str] = field(default_factory=lambda: ["answer", "decision"])  # candidate pooling sites
     multi_layers: int = 3  # layers of the multi-layer ablation (the best position's top layers)
-    caft_components: int = 1  # fine-tuning-difference PCs ablated at every layer (CAFT condition)
+    caft_components: int = 2  # fine-tune-difference PCs per layer (caft, caft_mean, caft_ref, random)
     caft_pool: str = "all"  # tokens the CAFT PCA pools over: "all" (prompt + answer) or "prompt"
     # Questions the CAFT PCA runs on: "all", or "other_domains" (outside the EM domains: generic data, as
     # the CAFT paper uses generic chat prompts, so the PCs show what changed where nothing should have).
@@ -158,7 +168,9 @@ def caft_specs(org, tuned, cfg: DemoConfig, seed: int) -> dict[str, list]:
     the fine-tuned model, ablated at every layer. ``caft`` ablates them to zero (the published recipe);
     ``caft_mean`` holds their projection at the chat model's mean over the same tokens (answered by the
     chat model), so what the fine-tune learns under the ablation is learned at the value the subspace
-    has once the ablation is off. ``random_ablate`` is the matched control of ``caft`` (same k, layers)."""
+    has once the ablation is off; ``caft_ref`` holds them, token by token, at the value the frozen chat
+    model has on the same batch (``reference_ablate``). ``random_ablate`` is the matched control of
+    ``caft`` (same k, layers)."""
     import torch
 
     from interventions import Intervention
@@ -188,6 +200,9 @@ def caft_specs(org, tuned, cfg: DemoConfig, seed: int) -> dict[str, list]:
         "caft": [Intervention("project_out", d, layers=[L], name=f"caft-L{L}") for L, d in chosen.items()],
         "caft_mean": [
             Intervention("mean_ablate", d, layers=[L], name=f"caft_mean-L{L}") for L, d in held.items()
+        ],
+        "caft_ref": [
+            Intervention("reference_ablate", d, layers=[L], name=f"caft_ref-L{L}") for L, d in chosen.items()
         ],
         "random_ablate": [
             Intervention("project_out", d, layers=[L], name=f"random-L{L}") for L, d in randoms.items()

@@ -7,6 +7,8 @@ token masks come from the batch (``labels != -100`` is the completion), never fr
 
 from __future__ import annotations
 
+import copy
+
 from transformers import TrainerCallback
 
 from interventions import Intervention, InterventionSet
@@ -26,15 +28,37 @@ class DirectionLineageCallback(TrainerCallback):
             record_direction_lineage(self.refs)
 
 
+def frozen_reference(model):
+    """The reference for reference_ablate: the model as it is before training, frozen.
+
+    A PEFT model needs no copy (its adapters are switched off for the reference pass; ``None`` says so);
+    any other model is deep-copied once, which holds a second copy of the weights in memory.
+    """
+    from interventions import unwrap_model
+
+    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+        return None
+    ref = copy.deepcopy(unwrap_model(model)).eval()
+    # Trainers and accelerate may set ``forward`` on the instance (a wrapper closing over the original
+    # module). deepcopy does not copy closures, so the copy's forward would run the policy: drop them.
+    for module in ref.modules():
+        module.__dict__.pop("forward", None)
+    ref.requires_grad_(False)
+    return ref
+
+
 class InterventionTrainerMixin:
     """Mix into a TRL trainer before the trainer class: ``class X(InterventionTrainerMixin, SFTTrainer)``."""
 
     intervention_set: InterventionSet
 
-    def _init_interventions(self, interventions) -> None:
+    def _init_interventions(self, interventions, reference_model=None) -> None:
         specs = interventions if interventions is not None else getattr(self.args, "interventions", None)
         layers_path = getattr(self.args, "intervention_layers_path", None)
         self.intervention_set = InterventionSet(self.model, specs or [], layers_path=layers_path)
+        self.intervention_reference_model = reference_model
+        if reference_model is None and self.intervention_set.needs_reference:
+            self.intervention_reference_model = frozen_reference(self.model)
         refs = [i.wandb_artifact for i in self.intervention_set.interventions if i.wandb_artifact]
         if refs:
             self.add_callback(DirectionLineageCallback(refs))
@@ -58,10 +82,25 @@ class InterventionTrainerMixin:
             completion_mask=inputs.get("completion_mask"),
         )
 
+    def _set_reference(self, inputs, phase: str) -> None:
+        """For reference_ablate: the reference model's pass over this batch, before the policy's."""
+        iset = self.intervention_set
+        if not iset.needs_reference_in(phase):
+            return
+        ref = self.intervention_reference_model
+        keys = ("input_ids", "attention_mask", "position_ids")
+        batch = {k: inputs[k] for k in keys if inputs.get(k) is not None}
+        if ref is None:  # a PEFT model: the reference is the same model with its adapters off
+            with self.accelerator.unwrap_model(self.model).disable_adapter():
+                iset.set_reference(self.model, **batch)
+        else:
+            iset.set_reference(ref, **batch)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         # The backward (and gradient checkpointing's recompute) runs inside this call, so the hooks'
-        # phase and masks cover forward and backward alike.
+        # phase, masks and reference activations cover forward and backward alike.
         self._set_batch(inputs)
+        self._set_reference(inputs, "train")
         self.intervention_set.set_step(self.state.global_step)
         self.intervention_set.collect_stats = self._logs_this_step()
         with self.intervention_set.phase("train"):
@@ -83,6 +122,7 @@ class InterventionTrainerMixin:
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         self.intervention_set.collect_stats = True
         self._set_batch(inputs)
+        self._set_reference(inputs, "eval")
         with self.intervention_set.phase("eval"):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 

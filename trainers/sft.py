@@ -43,8 +43,10 @@ class InterventionSFTTrainer(InterventionTrainerMixin, SFTTrainer):
     """SFT with an :class:`interventions.InterventionSet` on the policy during training steps.
 
     ``interventions`` (specs or mappings) overrides ``args.interventions`` when given.
+    ``intervention_reference_model``: the reference for ``reference_ablate`` interventions; by default a
+    frozen copy of the model as passed in (for PEFT models: the same model with adapters off).
     """
 
-    def __init__(self, *args, interventions=None, **kwargs):
+    def __init__(self, *args, interventions=None, intervention_reference_model=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_interventions(interventions)
+        self._init_interventions(interventions, intervention_reference_model)

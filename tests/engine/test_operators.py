@@ -2,7 +2,7 @@
 
 import torch
 
-from interventions import Direction, add, clamp, mean_ablate, project_out, projection
+from interventions import Direction, add, clamp, mean_ablate, project_out, projection, reference_ablate
 
 
 def _basis(d=16, k=3, seed=0):
@@ -55,6 +55,19 @@ def test_clamp_sets_the_value_and_zero_clamp_is_ablation():
     U, h = _basis(), _h()
     torch.testing.assert_close(projection(clamp(h, U, 3.0), U), torch.full((2, 5, 3), 3.0), atol=1e-5, rtol=0)
     torch.testing.assert_close(clamp(h, U, 0.0), project_out(h, U), atol=1e-6, rtol=0)
+
+
+def test_reference_ablate_takes_the_references_projection_and_nothing_else():
+    U, h, h_ref = _basis(), _h(), _h(seed=2)
+    out = reference_ablate(h, U, projection(h_ref, U))
+    torch.testing.assert_close(projection(out, U), projection(h_ref, U), atol=1e-5, rtol=0)
+    P_perp = torch.eye(16) - U.T @ U
+    torch.testing.assert_close(out @ P_perp, h @ P_perp, atol=1e-5, rtol=0)
+    # against itself it is the identity; against a zero reference it is zero-ablation
+    torch.testing.assert_close(reference_ablate(h, U, projection(h, U)), h, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        reference_ablate(h, U, torch.zeros(2, 5, 3)), project_out(h, U), atol=1e-6, rtol=0
+    )
 
 
 def test_operators_keep_dtype_and_do_not_write_in_place():

@@ -146,6 +146,43 @@ def test_mean_ablation_leaves_the_stored_mean(make_model):
     )
 
 
+@pytest.mark.parametrize("site", ["resid_post", "resid_pre"])
+def test_reference_ablation_against_a_copy_is_the_identity_and_pins_another_models_projection(
+    make_model, site
+):
+    model = make_model().eval()
+    ids = _ids()
+    d = Direction(torch.randn(2, D))
+    iset = InterventionSet(model, [Intervention("reference_ablate", d, site=site, layers=[0, 1])])
+    with pytest.raises(RuntimeError, match="set_reference"):
+        _logits(model, ids, iset)
+    iset.set_reference(make_model(), input_ids=ids)  # same seed: the same weights
+    torch.testing.assert_close(_logits(model, ids, iset), _logits(model, ids), atol=1e-5, rtol=0)
+    # against another model the subspace carries that model's values; the set's model is the reference
+    # too when asked (its own hooks are off during the reference pass)
+    other = make_model(seed=1).eval()
+    iset.set_reference(other, input_ids=ids)
+    if site == "resid_post":
+        store = {"layer": 1}
+        _logits(model, ids, iset, capture=store)
+        other_store, handle = _capture(other, 1)
+        with torch.no_grad():
+            other(ids)
+        handle.remove()
+        U = iset.ops[-1].vectors
+        torch.testing.assert_close(
+            projection(store["h"], U), projection(other_store["h"], U), atol=1e-5, rtol=0
+        )
+    with iset:
+        iset.set_reference(model, input_ids=ids)
+    torch.testing.assert_close(_logits(model, ids, iset), _logits(model, ids), atol=1e-5, rtol=0)
+    iset.set_reference(model, input_ids=_ids(shape=(3, 5)))
+    with pytest.raises(RuntimeError, match="different batch"):
+        _logits(model, ids, iset)
+    with pytest.raises(SpecError, match="'train' and 'eval' phases only"):
+        Intervention("reference_ablate", d, layers=[0], phases=["generate"])
+
+
 @pytest.mark.parametrize("site", ["resid_pre", "attn_out", "mlp_out"])
 def test_other_sites_act(make_model, site):
     model = make_model().eval()

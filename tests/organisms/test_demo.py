@@ -43,7 +43,8 @@ def test_cli_config_splits_demo_and_organism_keys(tmp_path):
 def test_caft_mean_ablation_holds_the_chat_models_mean_projection(tiny_config, tmp_path):
     """caft_mean holds each layer's PCs at the chat model's mean projection over the pooled tokens (here
     the prompt tokens), recomputed here from output_hidden_states; caft and its random control ablate to
-    zero at the same layers with the same number of rows."""
+    zero at the same layers with the same number of rows; caft_ref holds the same rows at the reference's
+    per-token values (reference_ablate, pinned in the trainer tests)."""
     import torch
 
     from organisms.build import build_organism
@@ -55,11 +56,13 @@ def test_caft_mean_ablation_holds_the_chat_models_mean_projection(tiny_config, t
     tuned, _ = finetune_with_trainer(org, [], seed=0, output_dir=str(tmp_path / "ft"))
     specs = caft_specs(org, tuned, DemoConfig(caft_pool="prompt", caft_components=2), seed=0)
     assert {n: [s.layers for s in v] for n, v in specs.items()} == {
-        n: [[0], [1]] for n in ("caft", "caft_mean", "random_ablate")
+        n: [[0], [1]] for n in ("caft", "caft_mean", "caft_ref", "random_ablate")
     }
     assert [s.operator for s in specs["caft"] + specs["random_ablate"]] == ["project_out"] * 4
-    for a, b in zip(specs["caft"], specs["caft_mean"]):
+    assert [s.operator for s in specs["caft_ref"]] == ["reference_ablate"] * 2
+    for a, b, c in zip(specs["caft"], specs["caft_mean"], specs["caft_ref"]):
         assert torch.equal(a.direction.vectors, b.direction.vectors)
+        assert torch.equal(a.direction.vectors, c.direction.vectors)
     prompts = prompt_ids(org.tokenizer, org.world, org.world.all_questions())
     with torch.no_grad():
         hidden = org.chat_model(input_ids=prompts, output_hidden_states=True).hidden_states

@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from interventions import Direction, site_module
+from interventions import Direction, projection, site_module, unpack_output
 from trainers import InterventionSFTConfig, InterventionSFTTrainer
 
 D = 64
@@ -244,3 +244,59 @@ def test_config_serialises_interventions_for_wandb(tmp_path):
     config = _config(tmp_path, interventions=[spec])
     dumped = json.loads(json.dumps(config.to_dict()))  # what W&B's config receives
     assert [Intervention.from_dict(d) for d in dumped["interventions"]] == config.interventions
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_reference_ablation_holds_the_subspace_at_the_frozen_starting_model(
+    make_model, tokenizer, chat_dataset, tmp_path, peft
+):
+    """reference_ablate: on every training batch the policy's projection at the site equals the projection
+    of the model as it was before training (an independent twin, run here on the same batches), while
+    the weights move. The reference is a frozen copy (untouched by training), or for a PEFT model the
+    same model with its adapters off."""
+    direction = _direction(k=2)
+    model = make_model("llama", seed=0)
+    twin = make_model("llama", seed=0).eval()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = InterventionSFTTrainer(
+        model=model,
+        args=_config(tmp_path, max_steps=3, learning_rate=1e-2),
+        train_dataset=chat_dataset,
+        processing_class=tokenizer,
+        interventions=[{"operator": "reference_ablate", "direction": direction, "layers": [1]}],
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if peft else None,
+    )
+    ref = trainer.intervention_reference_model
+    assert (ref is None) if peft else (ref is not None and ref is not trainer.model)
+    batches, after = [], []
+    trainer.model.register_forward_pre_hook(
+        lambda m, args, kwargs: batches.append((kwargs["input_ids"], kwargs.get("attention_mask"))),
+        with_kwargs=True,
+    )
+    with trainer.intervention_set:  # the set's hook first, then this one: it sees the intervened output
+        handle = site_module(trainer.model, "resid_post", 1).register_forward_hook(
+            lambda m, a, o: after.append(unpack_output(o)[0].detach())
+        )
+        try:
+            trainer.train()
+        finally:
+            handle.remove()
+    if peft:  # the reference pass runs through the same model (adapters off) just before each step's
+        batches, after = batches[1::2], after[1::2]
+    assert len(after) == len(batches) == 3
+    U = trainer.intervention_set.ops[0].vectors
+    twin_out = {}
+    site_module(twin, "resid_post", 1).register_forward_hook(
+        lambda m, a, o: twin_out.__setitem__("h", unpack_output(o)[0])
+    )
+    for h, (ids, mask) in zip(after, batches):
+        with torch.no_grad():
+            twin(input_ids=ids, attention_mask=mask)
+        torch.testing.assert_close(projection(h, U), projection(twin_out["h"], U), atol=1e-4, rtol=0)
+    if peft:
+        assert any(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
+    else:
+        assert any(not torch.equal(p, start[n]) for n, p in trainer.model.named_parameters())
+    if not peft:
+        for name, p in ref.named_parameters():
+            assert torch.equal(p, start[name]), f"reference parameter {name} moved"
