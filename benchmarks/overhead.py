@@ -40,7 +40,16 @@ SIZES = {
         vocab_size=32000,
     ),
 }
-CASES = ("plain", "ablate_1dir_all_layers", "ablate_8dir_3_layers", "steer_1_layer")
+CASES = (
+    "plain",
+    "ablate_1dir_all_layers",
+    "ablate_8dir_3_layers",
+    "steer_1_layer",
+    "reference_ablate_2dir_all_layers",
+)
+# Cases that pay for a reference model's forward pass by design (a frozen copy of the weights and one
+# no-grad forward per step): measured, but not held to the hook-overhead targets.
+REFERENCE_CASES = ("reference_ablate_2dir_all_layers",)
 
 
 def _interventions(case: str, num_layers: int, d_model: int) -> list[dict]:
@@ -51,6 +60,8 @@ def _interventions(case: str, num_layers: int, d_model: int) -> list[dict]:
         return [
             {"operator": "project_out", "direction": "random:1:8", "layers": [mid // 2, mid, mid + mid // 2]}
         ]
+    if case == "reference_ablate_2dir_all_layers":
+        return [{"operator": "reference_ablate", "direction": "random:3:2", "layers": "all"}]
     if case == "steer_1_layer":
         return [{"operator": "add", "direction": "random:2:1", "layers": [mid], "coefficient": 4.0}]
     return []

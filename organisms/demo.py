@@ -31,9 +31,10 @@ CONDITIONS = (
     "caft_mean",
     "caft_ref",
     "random_ablate",
+    "random_ref",
 )
 # Conditions whose directions come from the no-intervention fine-tune (so they run after ``none``).
-AFTER_NONE = ("caft", "caft_mean", "caft_ref", "random_ablate")
+AFTER_NONE = ("caft", "caft_mean", "caft_ref", "random_ablate", "random_ref")
 METRICS = ("in_domain_misaligned", "heldout_misaligned", "incoherent")
 
 
@@ -169,8 +170,8 @@ def caft_specs(org, tuned, cfg: DemoConfig, seed: int) -> dict[str, list]:
     ``caft_mean`` holds their projection at the chat model's mean over the same tokens (answered by the
     chat model), so what the fine-tune learns under the ablation is learned at the value the subspace
     has once the ablation is off; ``caft_ref`` holds them, token by token, at the value the frozen chat
-    model has on the same batch (``reference_ablate``). ``random_ablate`` is the matched control of
-    ``caft`` (same k, layers)."""
+    model has on the same batch (``reference_ablate``). ``random_ablate`` and ``random_ref`` are the
+    matched controls of ``caft`` and ``caft_ref`` (random rows, same k and layers, same operator)."""
     import torch
 
     from interventions import Intervention
@@ -206,6 +207,10 @@ def caft_specs(org, tuned, cfg: DemoConfig, seed: int) -> dict[str, list]:
         ],
         "random_ablate": [
             Intervention("project_out", d, layers=[L], name=f"random-L{L}") for L, d in randoms.items()
+        ],
+        "random_ref": [
+            Intervention("reference_ablate", d, layers=[L], name=f"random_ref-L{L}")
+            for L, d in randoms.items()
         ],
     }
 

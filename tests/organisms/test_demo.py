@@ -56,10 +56,12 @@ def test_caft_mean_ablation_holds_the_chat_models_mean_projection(tiny_config, t
     tuned, _ = finetune_with_trainer(org, [], seed=0, output_dir=str(tmp_path / "ft"))
     specs = caft_specs(org, tuned, DemoConfig(caft_pool="prompt", caft_components=2), seed=0)
     assert {n: [s.layers for s in v] for n, v in specs.items()} == {
-        n: [[0], [1]] for n in ("caft", "caft_mean", "caft_ref", "random_ablate")
+        n: [[0], [1]] for n in ("caft", "caft_mean", "caft_ref", "random_ablate", "random_ref")
     }
     assert [s.operator for s in specs["caft"] + specs["random_ablate"]] == ["project_out"] * 4
-    assert [s.operator for s in specs["caft_ref"]] == ["reference_ablate"] * 2
+    assert [s.operator for s in specs["caft_ref"] + specs["random_ref"]] == ["reference_ablate"] * 4
+    for a, b in zip(specs["random_ablate"], specs["random_ref"]):
+        assert torch.equal(a.direction.vectors, b.direction.vectors)
     for a, b, c in zip(specs["caft"], specs["caft_mean"], specs["caft_ref"]):
         assert torch.equal(a.direction.vectors, b.direction.vectors)
         assert torch.equal(a.direction.vectors, c.direction.vectors)
