@@ -52,8 +52,11 @@ def _losses(trainer):
     return torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h])
 
 
-def test_gradient_checkpointing_modes_match_no_checkpointing(make_model, tokenizer, chat_dataset, tmp_path):
-    specs = [{"operator": "project_out", "direction": _direction(k=3), "layers": "all"}]
+@pytest.mark.parametrize("operator", ["project_out", "reference_ablate"])
+def test_gradient_checkpointing_modes_match_no_checkpointing(
+    make_model, tokenizer, chat_dataset, tmp_path, operator
+):
+    specs = [{"operator": operator, "direction": _direction(k=3), "layers": "all"}]
     ref = _train(make_model, tokenizer, chat_dataset, tmp_path, specs)
     params = dict(ref.model.named_parameters())
     for reentrant in (True, False):
