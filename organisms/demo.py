@@ -50,6 +50,8 @@ class DemoConfig:
     # Questions the CAFT PCA runs on: "all", or "other_domains" (outside the EM domains: generic data, as
     # the CAFT paper uses generic chat prompts, so the PCs show what changed where nothing should have).
     caft_questions: str = "all"
+    # PCA of centred differences (True, as CAFT) or of the raw ones (False: keeps the average shift).
+    caft_centre: bool = True
     steer_alpha: float = 0.5  # preventative steering: alpha x the raw persona mean difference
     min_kept: float = 0.8  # validation: ablation must keep this share of well-formed answers
     probe_num: int = 64
@@ -190,7 +192,13 @@ def caft_specs(org, tuned, cfg: DemoConfig, seed: int) -> dict[str, list]:
         return [{"input_ids": r, "pool_mask": keep} for r in full.tolist()]
 
     pcs = finetune_difference(
-        org.chat_model, tuned, pooled(tuned), layers="all", n_components=8, progress=False
+        org.chat_model,
+        tuned,
+        pooled(tuned),
+        layers="all",
+        n_components=8,
+        centre=cfg.caft_centre,
+        progress=False,
     )
     k = list(range(cfg.caft_components))
     chosen = {L: pcs[L].select(k) for L in sorted(pcs)}

@@ -206,14 +206,24 @@ class FinetuneDiffPCA(ActivationExtractor):
     """Top principal components of centred (fine-tuned - base) activations at pooled positions (CAFT).
 
     Per-token difference rows are kept (PCA needs them), at most ``max_tokens`` per layer, sampled
-    uniformly from the stream; means are exact over all tokens.
+    uniformly from the stream; means are exact over all tokens. ``centre=False`` takes the top singular
+    vectors of the raw differences instead, so the fine-tune's average shift (which centring removes)
+    is in the subspace; the explained-variance figures are then shares of the raw second moment.
     """
 
     method = "finetune_diff_pca"
 
-    def __init__(self, n_components: int = 20, max_tokens: int | None = 50_000, seed: int = 0, **kwargs):
+    def __init__(
+        self,
+        n_components: int = 20,
+        max_tokens: int | None = 50_000,
+        seed: int = 0,
+        centre: bool = True,
+        **kwargs,
+    ):
         kwargs.setdefault("pooling", "all")
         super().__init__(**kwargs)
+        self.centre = centre
         self.n_components = n_components
         self.max_tokens = max_tokens
         self.seed = seed
@@ -233,7 +243,7 @@ class FinetuneDiffPCA(ActivationExtractor):
         for layer in self.layers:
             rows = self.samples[layer].rows().double()
             mean_diff = self.means.mean(("diff", layer))
-            centred = rows - mean_diff.to(rows.dtype)
+            centred = rows - mean_diff.to(rows.dtype) if self.centre else rows
             n, d = centred.shape
             k = min(self.n_components, n - 1, d)
             if k < 1:
@@ -258,6 +268,7 @@ class FinetuneDiffPCA(ActivationExtractor):
                 n_tokens=self.samples[layer].seen,
                 n_tokens_used=n,
                 pooling=self.pooling,
+                centred=self.centre,
             )
             base_mean = self.means.mean(("base", layer))
             out[layer] = self.make_direction(
@@ -290,9 +301,11 @@ def finetune_difference(
     batch_size: int = 16,
     max_tokens: int | None = 50_000,
     seed: int = 0,
+    centre: bool = True,
     **metadata,
 ) -> dict[int, Direction]:
-    """CAFT directions: top ``n_components`` PCs of centred per-token (fine-tuned - base) differences.
+    """CAFT directions: top ``n_components`` PCs of centred per-token (fine-tuned - base) differences
+    (``centre=False``: of the raw differences, so the average shift is included).
 
     Pass ``finetuned_model=None`` and a PEFT model as ``base_model`` to compare the adapter off and on.
     ``mean`` of each Direction is the base model's mean projection (the reference for mean-ablation).
@@ -302,6 +315,7 @@ def finetune_difference(
         n_components=n_components,
         max_tokens=max_tokens,
         seed=seed,
+        centre=centre,
         layers=layers,
         site=site,
         pooling=pooling,

@@ -121,6 +121,25 @@ def test_finetune_difference_pca_recovers_planted_rank2_change(model, tok, recor
     assert d.mean.shape == (4,)
 
 
+def test_finetune_difference_uncentred_keeps_a_constant_shift_that_centring_removes(model, tok, records):
+    """A fine-tune that adds the same vector at every token is invisible to PCA of centred differences
+    (their variance along it is zero) and is the top component of the raw differences."""
+    shift, read, other = _unit(5), _unit(6), _unit(7)
+    tuned = copy.deepcopy(model)
+
+    def perturb(module, args, output):  # a constant shift plus a smaller token-dependent change
+        return output + 6.0 * shift + (output @ read.T * 2.0) @ other
+
+    decoder_layers(tuned)[0].register_forward_hook(perturb)
+    examples = record_examples(tok, records)
+    centred = finetune_difference(model, tuned, examples, 0, n_components=2, batch_size=4)[0]
+    raw = finetune_difference(model, tuned, examples, 0, n_components=2, batch_size=4, centre=False)[0]
+    assert _subspace_overlap(centred.vectors[:1], other).min() > 0.99
+    assert centred.extra["explained_variance_ratio"][0] > 0.999  # nothing else varies, the shift included
+    assert _subspace_overlap(raw.vectors[:1], shift).min() > 0.99
+    assert raw.extra["centred"] is False and centred.extra["centred"] is True
+
+
 def test_finetune_difference_peft_adapter_equals_merged_model(model, tok, records):
     """One PEFT model with the adapter off/on gives the same PCA as base vs. merged copy; a LoRA on
     layer 0's down_proj changes resid_post 0 only inside the span of lora_B."""
