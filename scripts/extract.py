@@ -127,6 +127,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-components", type=int, default=20)
     p.add_argument("--max-tokens", type=int, default=50_000, help="per-layer cap on kept difference rows")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-centre",
+        action="store_true",
+        help="top singular vectors of the raw differences (keeps the fine-tune's average shift, which PCA "
+        "of centred differences removes)",
+    )
 
     p = sub.add_parser("sae", help="decoder rows of top SAE latents", epilog=DATA_HELP, formatter_class=fmt)
     _common(p)
@@ -260,7 +266,8 @@ def _extract(args) -> dict:
     if args.method == "finetune-diff":
         return finetune_difference(
             base, tuned, examples, args.layers, n_components=args.n_components, site=args.site,
-            pooling=args.pooling, max_tokens=args.max_tokens, seed=args.seed, source=args.data, **common,
+            pooling=args.pooling, max_tokens=args.max_tokens, seed=args.seed, centre=not args.no_centre,
+            source=args.data, **common,
         )  # fmt: skip
     layer = None if args.layers == "all" else args.layers
     if isinstance(layer, list):

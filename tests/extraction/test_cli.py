@@ -75,6 +75,16 @@ def test_finetune_diff_with_wandb_offline(saved, tmp_path, monkeypatch):
     assert b"caft-test" in logs[0].read_bytes()  # the artifact record is in the offline run
 
 
+def test_finetune_diff_no_centre_is_recorded(saved, tmp_path):
+    for flag, centred in (([], True), (["--no-centre"], False)):
+        out = tmp_path / f"caft-{centred}.safetensors"
+        assert main(["finetune-diff", "--model", str(saved / "model"), "--finetuned", str(saved / "tuned"),
+                     "--layers", "0", "--data", str(saved / "all.jsonl"), "--n-components", "2", "--out", str(out),
+                     "--no-progress", *flag]) == 0  # fmt: skip
+        (d,) = load_directions(out)
+        assert d.extra["centred"] is centred and d.k == 2 and d.is_orthonormal()
+
+
 def test_contrastive_generate_answers_then_extract(saved, tmp_path):
     """--generate answers each question under both system prompts; the direction is the one the saved
     answers give when extracted again without generation."""
