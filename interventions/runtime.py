@@ -289,10 +289,6 @@ class InterventionSet:
             h = captured[(op.spec.site, op.layer)]
             op.reference = operators.projection(h, op.on(h.device)[0])
 
-    def clear_reference(self) -> None:
-        for op in self.ops:
-            op.reference = None
-
     def set_step(self, step: int) -> None:
         """Move scheduled coefficients to training step ``step``."""
         self.step = step

@@ -88,8 +88,10 @@ class InterventionTrainerMixin:
         if not iset.needs_reference_in(phase):
             return
         ref = self.intervention_reference_model
+        # training_step receives the batch before Trainer moves it to the device
+        device = next((ref or self.model).parameters()).device
         keys = ("input_ids", "attention_mask", "position_ids")
-        batch = {k: inputs[k] for k in keys if inputs.get(k) is not None}
+        batch = {k: inputs[k].to(device) for k in keys if inputs.get(k) is not None}
         if ref is None:  # a PEFT model: the reference is the same model with its adapters off
             with self.accelerator.unwrap_model(self.model).disable_adapter():
                 iset.set_reference(self.model, **batch)
