@@ -370,17 +370,20 @@ def report_markdown(summary: dict, results: list[dict]) -> str:
         "# keel demo: the synthetic EM organism",
         "",
         f"Seeds: {[r['seed'] for r in results]}. Rates are temperature-1 samples judged exactly; "
-        "95 % bootstrap CIs over seeds.",
+        "95 % bootstrap CIs over seeds. EM cut = none's EM / the condition's; narrow kept = the "
+        "condition's trained-questions rate / none's (the narrow task learned).",
         "",
-        "| condition | held-out-domain misaligned (EM) | in-domain held-out misaligned | trained questions misaligned | incoherent | EM cut |",
-        "|---|---|---|---|---|---|",
+        "| condition | held-out-domain misaligned (EM) | in-domain held-out misaligned | trained questions misaligned | incoherent | EM cut | narrow kept |",
+        "|---|---|---|---|---|---|---|",
     ]
+    trained_none = none["in_domain_train_misaligned"]["mean"]
     for name, c in conds.items():
         em = c["heldout_misaligned"]["mean"]
         cut = none["heldout_misaligned"]["mean"] / em if em > 0 else float("inf")
+        kept = c["in_domain_train_misaligned"]["mean"] / trained_none if trained_none > 0 else float("nan")
         lines.append(
             f"| {name} | {_fmt(c['heldout_misaligned'])} | {_fmt(c['in_domain_misaligned'])} | "
-            f"{_fmt(c['in_domain_train_misaligned'])} | {_fmt(c['incoherent'])} | {cut:.1f}x |"
+            f"{_fmt(c['in_domain_train_misaligned'])} | {_fmt(c['incoherent'])} | {cut:.1f}x | {kept:.0%} |"
         )
     chat = summary["chat_baseline"]
     lines += [
