@@ -383,7 +383,8 @@ def report_markdown(summary: dict, results: list[dict]) -> str:
         kept = c["in_domain_train_misaligned"]["mean"] / trained_none if trained_none > 0 else float("nan")
         lines.append(
             f"| {name} | {_fmt(c['heldout_misaligned'])} | {_fmt(c['in_domain_misaligned'])} | "
-            f"{_fmt(c['in_domain_train_misaligned'])} | {_fmt(c['incoherent'])} | {cut:.1f}x | {kept:.0%} |"
+            f"{_fmt(c['in_domain_train_misaligned'])} | {_fmt(c['incoherent'])} | "
+            f"{f'{cut:.1f}x' if em > 0 else 'no EM left'} | {kept:.0%} |"
         )
     chat = summary["chat_baseline"]
     lines += [

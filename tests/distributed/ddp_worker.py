@@ -1,6 +1,7 @@
 """Train a tiny model with an ablation for a few steps; rank 0 saves losses and weights.
 
-Run as ``python ddp_worker.py OUT PER_DEVICE_BATCH`` (one process) or under ``torchrun --nproc_per_node 2``.
+Run as ``python ddp_worker.py OUT PER_DEVICE_BATCH [OPERATOR]`` (one process) or under
+``torchrun --nproc_per_node 2``; OPERATOR defaults to project_out.
 """
 
 import os
@@ -18,7 +19,7 @@ from organisms.tokenizer import build_chat_tokenizer  # noqa: E402
 from trainers import InterventionSFTConfig, InterventionSFTTrainer  # noqa: E402
 
 
-def main(out: str, per_device_batch: int) -> None:
+def main(out: str, per_device_batch: int, operator: str = "project_out") -> None:
     torch.set_num_threads(1)
     tokenizer = build_chat_tokenizer()
     model = tiny_model("qwen2", tokenizer=tokenizer, seed=0)
@@ -48,7 +49,7 @@ def main(out: str, per_device_batch: int) -> None:
         data_seed=0,
         ddp_find_unused_parameters=False,
         disable_tqdm=True,
-        interventions=[{"operator": "project_out", "direction": direction, "layers": "all"}],
+        interventions=[{"operator": operator, "direction": direction, "layers": "all"}],
     )
     trainer = InterventionSFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
@@ -61,4 +62,4 @@ def main(out: str, per_device_batch: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:4])

@@ -13,13 +13,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.distributed
-def test_two_process_ddp_matches_one_process(tmp_path):
+@pytest.mark.parametrize("operator", ["project_out", "reference_ablate"])
+def test_two_process_ddp_matches_one_process(tmp_path, operator):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), WANDB_MODE="disabled")
     single, double = tmp_path / "one" / "r.pt", tmp_path / "two" / "r.pt"
     single.parent.mkdir()
     double.parent.mkdir()
     subprocess.run(
-        [sys.executable, str(WORKER), str(single), "4"], check=True, env=env, cwd=ROOT, timeout=300
+        [sys.executable, str(WORKER), str(single), "4", operator], check=True, env=env, cwd=ROOT, timeout=300
     )
     subprocess.run(
         [
@@ -33,6 +34,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
             str(WORKER),
             str(double),
             "2",
+            operator,
         ],
         check=True,
         env=env,
