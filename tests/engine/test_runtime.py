@@ -173,7 +173,7 @@ def test_reference_ablation_against_a_copy_is_the_identity_and_pins_another_mode
         torch.testing.assert_close(
             projection(store["h"], U), projection(other_store["h"], U), atol=1e-5, rtol=0
         )
-    with iset:
+    with iset, iset.phase("train"):  # attached and on: set_reference must switch its hooks off
         iset.set_reference(model, input_ids=ids)
     torch.testing.assert_close(_logits(model, ids, iset), _logits(model, ids), atol=1e-5, rtol=0)
     iset.set_reference(model, input_ids=_ids(shape=(3, 5)))
