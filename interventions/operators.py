@@ -63,8 +63,10 @@ OPERATORS = {
     "project_out": project_out,
     "mean_ablate": mean_ablate,
     "reference_ablate": reference_ablate,
+    # the same operation; the runtime gives it the reference's values from another row of the batch
+    "resample_ablate": reference_ablate,
     "clamp": clamp,
     "add": add,
 }
 # Operators whose target comes from a reference model's forward pass on the same batch.
-NEEDS_REFERENCE = ("reference_ablate",)
+NEEDS_REFERENCE = ("reference_ablate", "resample_ablate")

@@ -68,7 +68,7 @@ class _BoundOp:
             return operators.mean_ablate(h, U, mean, a)
         if op == "clamp":
             return operators.clamp(h, U, self.spec.value, a)
-        if op == "reference_ablate":
+        if op in operators.NEEDS_REFERENCE:
             return operators.reference_ablate(h, U, self._reference_for(h), a)
         return operators.add(h, U, a)
 
@@ -142,9 +142,14 @@ class InterventionSet:
     """
 
     def __init__(
-        self, model: nn.Module, interventions: Sequence[Intervention | dict], layers_path: str | None = None
+        self,
+        model: nn.Module,
+        interventions: Sequence[Intervention | dict],
+        layers_path: str | None = None,
+        seed: int = 0,
     ):
         self.model = model
+        self._resample_generator = torch.Generator().manual_seed(seed)  # resample_ablate's row shifts
         self.layers_path = layers_path
         self.interventions = [Intervention.from_dict(i) for i in interventions]
         names = [i.name for i in self.interventions]
@@ -257,6 +262,11 @@ class InterventionSet:
         """Run ``reference_model`` on ``inputs`` (the batch of the next forward) and keep, for every
         reference_ablate intervention, the reference's projection at its site and layer.
 
+        ``resample_ablate`` gets the same values from another row of the batch, at the same position: the
+        rows are shifted by a random offset in ``[1, B-1]`` (one draw per call, seeded), so no row keeps
+        its own. The subspace then carries values the reference really produces there, but nothing
+        about this input that the fine-tune could learn to read.
+
         ``reference_model`` may be this set's own model (e.g. a PEFT model inside ``disable_adapter()``):
         the pass runs with every intervention off.
         """
@@ -285,9 +295,23 @@ class InterventionSet:
         finally:
             for handle in handles:
                 handle.remove()
+        rows = None
         for op in ops:
             h = captured[(op.spec.site, op.layer)]
             op.reference = operators.projection(h, op.on(h.device)[0])
+            if op.spec.operator == "resample_ablate":
+                if rows is None:
+                    rows = self._shifted_rows(h.shape[0], op.spec.name).to(h.device)
+                op.reference = op.reference[rows]
+
+    def _shifted_rows(self, batch: int, name: str) -> torch.Tensor:
+        if batch < 2:
+            raise RuntimeError(
+                f"Intervention {name!r} (resample_ablate) takes each row's values from another row of the "
+                f"batch, and this batch has {batch}. Use at least 2 rows per device, or reference_ablate."
+            )
+        shift = int(torch.randint(1, batch, (1,), generator=self._resample_generator))
+        return (torch.arange(batch) + shift) % batch
 
     def set_step(self, step: int) -> None:
         """Move scheduled coefficients to training step ``step``."""

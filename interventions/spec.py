@@ -62,7 +62,8 @@ class Intervention:
     (labels != -100; during generation: the newly generated tokens).
     ``operator``: ``project_out``, ``mean_ablate`` (needs the direction's reference ``mean``),
     ``reference_ablate`` (the projection a reference model has on the same batch; keel trainers keep a
-    frozen copy of the starting model for it), ``clamp`` (to ``value``) or ``add`` (steer).
+    frozen copy of the starting model for it), ``resample_ablate`` (the reference's projection from
+    another row of the batch, same position), ``clamp`` (to ``value``) or ``add`` (steer).
     ``phases``: when it is on: ``train`` (default), ``reference`` (the reference pass of DPO/GRPO),
     ``generate``, ``eval``.
     """

@@ -30,11 +30,21 @@ CONDITIONS = (
     "caft",
     "caft_mean",
     "caft_ref",
+    "caft_resample",
     "random_ablate",
     "random_ref",
+    "random_resample",
 )
 # Conditions whose directions come from the no-intervention fine-tune (so they run after ``none``).
-AFTER_NONE = ("caft", "caft_mean", "caft_ref", "random_ablate", "random_ref")
+AFTER_NONE = (
+    "caft",
+    "caft_mean",
+    "caft_ref",
+    "caft_resample",
+    "random_ablate",
+    "random_ref",
+    "random_resample",
+)
 METRICS = ("in_domain_misaligned", "heldout_misaligned", "incoherent")
 
 
@@ -172,8 +182,10 @@ def caft_specs(org, tuned, cfg: DemoConfig, seed: int) -> dict[str, list]:
     ``caft_mean`` holds their projection at the chat model's mean over the same tokens (answered by the
     chat model), so what the fine-tune learns under the ablation is learned at the value the subspace
     has once the ablation is off; ``caft_ref`` holds them, token by token, at the value the frozen chat
-    model has on the same batch (``reference_ablate``). ``random_ablate`` and ``random_ref`` are the
-    matched controls of ``caft`` and ``caft_ref`` (random rows, same k and layers, same operator)."""
+    model has on the same batch (``reference_ablate``); ``caft_resample`` at the value the chat model
+    has at the same position of another row of the batch (``resample_ablate``: realistic values that say
+    nothing about this input). ``random_*`` are the matched controls (random rows, same k, layers and
+    operator)."""
     import torch
 
     from interventions import Intervention
@@ -213,11 +225,19 @@ def caft_specs(org, tuned, cfg: DemoConfig, seed: int) -> dict[str, list]:
         "caft_ref": [
             Intervention("reference_ablate", d, layers=[L], name=f"caft_ref-L{L}") for L, d in chosen.items()
         ],
+        "caft_resample": [
+            Intervention("resample_ablate", d, layers=[L], name=f"caft_resample-L{L}")
+            for L, d in chosen.items()
+        ],
         "random_ablate": [
             Intervention("project_out", d, layers=[L], name=f"random-L{L}") for L, d in randoms.items()
         ],
         "random_ref": [
             Intervention("reference_ablate", d, layers=[L], name=f"random_ref-L{L}")
+            for L, d in randoms.items()
+        ],
+        "random_resample": [
+            Intervention("resample_ablate", d, layers=[L], name=f"random_resample-L{L}")
             for L, d in randoms.items()
         ],
     }

@@ -26,7 +26,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--conditions",
         nargs="+",
-        help="subset of: none ablate ablate_multi mean_ablate steer caft caft_mean caft_ref random_ablate random_ref",
+        help="subset of: none ablate ablate_multi mean_ablate steer caft caft_mean caft_ref caft_resample random_ablate random_ref random_resample",
     )
     p.add_argument("--output-dir", help="default runs/demo")
     p.add_argument("--cache-dir", help="organism build cache; default runs/organisms")

@@ -55,7 +55,9 @@ class InterventionTrainerMixin:
     def _init_interventions(self, interventions, reference_model=None) -> None:
         specs = interventions if interventions is not None else getattr(self.args, "interventions", None)
         layers_path = getattr(self.args, "intervention_layers_path", None)
-        self.intervention_set = InterventionSet(self.model, specs or [], layers_path=layers_path)
+        self.intervention_set = InterventionSet(
+            self.model, specs or [], layers_path=layers_path, seed=self.args.seed
+        )
         self.intervention_reference_model = reference_model
         if reference_model is None and self.intervention_set.needs_reference:
             self.intervention_reference_model = frozen_reference(self.model)

@@ -183,6 +183,32 @@ def test_reference_ablation_against_a_copy_is_the_identity_and_pins_another_mode
         Intervention("reference_ablate", d, layers=[0], phases=["generate"])
 
 
+def test_resample_ablation_takes_another_rows_reference_values(make_model):
+    """resample_ablate: row i's projection is the reference's projection of row (i + shift) % B at the
+    same positions, with 1 <= shift < B (no row keeps its own); the rest of the activation is untouched."""
+    model = make_model().eval()
+    ids = _ids(shape=(4, 7))
+    d = Direction(torch.randn(2, D))
+    iset = InterventionSet(model, [Intervention("resample_ablate", d, layers=[1])], seed=3)
+    iset.set_reference(make_model(), input_ids=ids)  # same weights: the reference is the model itself
+    store = {"layer": 1}
+    _logits(model, ids, iset, capture=store)
+    plain, handle = _capture(model, 1)
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    U = iset.ops[0].vectors
+    after, own = projection(store["h"], U), projection(plain["h"], U)
+    shifts = {
+        s for s in range(1, 4) if torch.allclose(after, own.roll(-s, dims=0), atol=1e-5)
+    }  # row i took row i + s
+    assert len(shifts) == 1
+    perp = torch.eye(D) - U.T @ U
+    torch.testing.assert_close(store["h"] @ perp, plain["h"] @ perp, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="at least 2 rows"):
+        iset.set_reference(make_model(), input_ids=ids[:1])
+
+
 @pytest.mark.parametrize("site", ["resid_pre", "attn_out", "mlp_out"])
 def test_other_sites_act(make_model, site):
     model = make_model().eval()

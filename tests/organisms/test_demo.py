@@ -56,15 +56,26 @@ def test_caft_mean_ablation_holds_the_chat_models_mean_projection(tiny_config, t
     tuned, _ = finetune_with_trainer(org, [], seed=0, output_dir=str(tmp_path / "ft"))
     specs = caft_specs(org, tuned, DemoConfig(caft_pool="prompt", caft_components=2), seed=0)
     assert {n: [s.layers for s in v] for n, v in specs.items()} == {
-        n: [[0], [1]] for n in ("caft", "caft_mean", "caft_ref", "random_ablate", "random_ref")
+        n: [[0], [1]]
+        for n in (
+            "caft",
+            "caft_mean",
+            "caft_ref",
+            "caft_resample",
+            "random_ablate",
+            "random_ref",
+            "random_resample",
+        )
     }
     assert [s.operator for s in specs["caft"] + specs["random_ablate"]] == ["project_out"] * 4
     assert [s.operator for s in specs["caft_ref"] + specs["random_ref"]] == ["reference_ablate"] * 4
-    for a, b in zip(specs["random_ablate"], specs["random_ref"]):
-        assert torch.equal(a.direction.vectors, b.direction.vectors)
-    for a, b, c in zip(specs["caft"], specs["caft_mean"], specs["caft_ref"]):
+    assert [s.operator for s in specs["caft_resample"] + specs["random_resample"]] == ["resample_ablate"] * 4
+    for a, b, c in zip(specs["random_ablate"], specs["random_ref"], specs["random_resample"]):
         assert torch.equal(a.direction.vectors, b.direction.vectors)
         assert torch.equal(a.direction.vectors, c.direction.vectors)
+    for a, *others in zip(specs["caft"], specs["caft_mean"], specs["caft_ref"], specs["caft_resample"]):
+        for b in others:
+            assert torch.equal(a.direction.vectors, b.direction.vectors)
     prompts = prompt_ids(org.tokenizer, org.world, org.world.all_questions())
     with torch.no_grad():
         hidden = org.chat_model(input_ids=prompts, output_hidden_states=True).hidden_states
