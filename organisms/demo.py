@@ -55,7 +55,7 @@ class DemoConfig:
     conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
     positions: list[str] = field(default_factory=lambda: ["answer", "decision"])  # candidate pooling sites
     multi_layers: int = 3  # layers of the multi-layer ablation (the best position's top layers)
-    caft_components: int = 2  # fine-tune-difference PCs per layer (caft, caft_mean, caft_ref, random)
+    caft_components: int = 2  # fine-tune-difference PCs per layer (every caft* and random* condition)
     caft_pool: str = "all"  # tokens the CAFT PCA pools over: "all" (prompt + answer) or "prompt"
     # Questions the CAFT PCA runs on: "all", or "other_domains" (outside the EM domains: generic data, as
     # the CAFT paper uses generic chat prompts, so the PCs show what changed where nothing should have).

@@ -29,7 +29,7 @@ class DirectionLineageCallback(TrainerCallback):
 
 
 def frozen_reference(model):
-    """The reference for reference_ablate: the model as it is before training, frozen.
+    """The reference for reference_ablate / resample_ablate: the model as it is before training, frozen.
 
     A PEFT model needs no copy (its adapters are switched off for the reference pass; ``None`` says so);
     any other model is deep-copied once, which holds a second copy of the weights in memory.
@@ -85,13 +85,13 @@ class InterventionTrainerMixin:
         )
 
     def _set_reference(self, inputs, phase: str) -> None:
-        """For reference_ablate: the reference model's pass over this batch, before the policy's."""
+        """For reference_ablate / resample_ablate: the reference's pass over this batch, before the policy's."""
         iset = self.intervention_set
         if not iset.needs_reference_in(phase):
             return
         ref = self.intervention_reference_model
         # training_step receives the batch before Trainer moves it to the device
-        device = next((ref or self.model).parameters()).device
+        device = next((ref if ref is not None else self.model).parameters()).device
         keys = ("input_ids", "attention_mask", "position_ids")
         batch = {k: inputs[k].to(device) for k in keys if inputs.get(k) is not None}
         if ref is None:  # a PEFT model: the reference is the same model with its adapters off

@@ -43,7 +43,7 @@ class InterventionSFTTrainer(InterventionTrainerMixin, SFTTrainer):
     """SFT with an :class:`interventions.InterventionSet` on the policy during training steps.
 
     ``interventions`` (specs or mappings) overrides ``args.interventions`` when given.
-    ``intervention_reference_model``: the reference for ``reference_ablate`` interventions; by default a
+    ``intervention_reference_model``: the reference for reference_ablate / resample_ablate; by default a
     frozen copy of the model as passed in (for PEFT models: the same model with adapters off).
     """
 
