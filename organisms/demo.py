@@ -36,15 +36,7 @@ CONDITIONS = (
     "random_resample",
 )
 # Conditions whose directions come from the no-intervention fine-tune (so they run after ``none``).
-AFTER_NONE = (
-    "caft",
-    "caft_mean",
-    "caft_ref",
-    "caft_resample",
-    "random_ablate",
-    "random_ref",
-    "random_resample",
-)
+AFTER_NONE = tuple(c for c in CONDITIONS if c.startswith(("caft", "random")))
 METRICS = ("in_domain_misaligned", "heldout_misaligned", "incoherent")
 
 

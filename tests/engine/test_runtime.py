@@ -30,6 +30,15 @@ def _capture(model, layer, store=None):
     return store, handle
 
 
+def _plain_resid_post(model, ids, layer):
+    """resid_post at ``layer`` of a plain forward (no interventions)."""
+    store, handle = _capture(model, layer)
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return store["h"]
+
+
 def _logits(model, ids, iset=None, phase="train", capture=None, **batch):
     """Logits with ``iset`` active; ``capture`` (a dict with key "layer") receives resid_post there,
     read by a hook registered after the set's own, so it sees the intervened activation."""
@@ -165,13 +174,9 @@ def test_reference_ablation_against_a_copy_is_the_identity_and_pins_another_mode
     if site == "resid_post":
         store = {"layer": 1}
         _logits(model, ids, iset, capture=store)
-        other_store, handle = _capture(other, 1)
-        with torch.no_grad():
-            other(ids)
-        handle.remove()
         U = iset.ops[-1].vectors
         torch.testing.assert_close(
-            projection(store["h"], U), projection(other_store["h"], U), atol=1e-5, rtol=0
+            projection(store["h"], U), projection(_plain_resid_post(other, ids, 1), U), atol=1e-5, rtol=0
         )
     with iset, iset.phase("train"):  # attached and on: set_reference must switch its hooks off
         iset.set_reference(model, input_ids=ids)
@@ -193,18 +198,15 @@ def test_resample_ablation_takes_another_rows_reference_values(make_model):
     iset.set_reference(make_model(), input_ids=ids)  # same weights: the reference is the model itself
     store = {"layer": 1}
     _logits(model, ids, iset, capture=store)
-    plain, handle = _capture(model, 1)
-    with torch.no_grad():
-        model(ids)
-    handle.remove()
+    plain = _plain_resid_post(model, ids, 1)
     U = iset.ops[0].vectors
-    after, own = projection(store["h"], U), projection(plain["h"], U)
+    after, own = projection(store["h"], U), projection(plain, U)
     shifts = {
         s for s in range(1, 4) if torch.allclose(after, own.roll(-s, dims=0), atol=1e-5)
     }  # row i took row i + s
     assert len(shifts) == 1
     perp = torch.eye(D) - U.T @ U
-    torch.testing.assert_close(store["h"] @ perp, plain["h"] @ perp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(store["h"] @ perp, plain @ perp, atol=1e-5, rtol=0)
     with pytest.raises(RuntimeError, match="at least 2 rows"):
         iset.set_reference(make_model(), input_ids=ids[:1])
 

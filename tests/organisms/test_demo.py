@@ -2,7 +2,7 @@
 
 import json
 
-from organisms.demo import CONDITIONS, DemoConfig, run_demo
+from organisms.demo import AFTER_NONE, CONDITIONS, DemoConfig, run_demo
 from scripts.demo import load_config, make_parser
 
 
@@ -55,18 +55,7 @@ def test_caft_mean_ablation_holds_the_chat_models_mean_projection(tiny_config, t
     org = build_organism(tiny_config, 0, tmp_path / "cache")
     tuned, _ = finetune_with_trainer(org, [], seed=0, output_dir=str(tmp_path / "ft"))
     specs = caft_specs(org, tuned, DemoConfig(caft_pool="prompt", caft_components=2), seed=0)
-    assert {n: [s.layers for s in v] for n, v in specs.items()} == {
-        n: [[0], [1]]
-        for n in (
-            "caft",
-            "caft_mean",
-            "caft_ref",
-            "caft_resample",
-            "random_ablate",
-            "random_ref",
-            "random_resample",
-        )
-    }
+    assert {n: [s.layers for s in v] for n, v in specs.items()} == {n: [[0], [1]] for n in AFTER_NONE}
     assert [s.operator for s in specs["caft"] + specs["random_ablate"]] == ["project_out"] * 4
     assert [s.operator for s in specs["caft_ref"] + specs["random_ref"]] == ["reference_ablate"] * 4
     assert [s.operator for s in specs["caft_resample"] + specs["random_resample"]] == ["resample_ablate"] * 4
