@@ -18,15 +18,17 @@ from .operators import (
     projection,
     reference_ablate,
 )
-from .runtime import InterventionSet, TokenContext, unpack_output
+from .runtime import InterventionSet, TokenContext
 from .sites import (
     SITE_KINDS,
     decoder_layers,
     hidden_size,
     register_architecture,
+    register_site_hook,
     registered_model_types,
     resolve_layers,
     site_module,
+    unpack_output,
     unwrap_model,
 )
 from .spec import Intervention, Schedule, SpecError
@@ -53,6 +55,7 @@ __all__ = [
     "decoder_layers",
     "hidden_size",
     "register_architecture",
+    "register_site_hook",
     "registered_model_types",
     "resolve_layers",
     "site_module",

@@ -10,6 +10,7 @@ checkpointing's recompute sees the same computation.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -18,26 +19,8 @@ from torch import nn
 
 from . import operators
 from .direction import Direction, DirectionError
-from .sites import decoder_layers, hidden_size, resolve_layers, site_module
+from .sites import decoder_layers, hidden_size, register_site_hook, resolve_layers
 from .spec import Intervention, SpecError
-
-
-def unpack_output(output):
-    """Split a block output into (hidden tensor, repack function): tensor, tuple/list, or ModelOutput."""
-    if isinstance(output, torch.Tensor):
-        return output, lambda h: h
-    if isinstance(output, (tuple, list)):
-        rest = output[1:]
-        return output[0], lambda h: type(output)((h, *rest))
-    if hasattr(output, "keys") and hasattr(output, "__getitem__"):
-        key = next(iter(output.keys()))
-
-        def repack(h):
-            output[key] = h
-            return output
-
-        return output[key], repack
-    raise TypeError(f"Cannot find the hidden states in a block output of type {type(output).__name__}.")
 
 
 @dataclass
@@ -197,12 +180,8 @@ class InterventionSet:
             return self
         try:
             for (kind, layer), ops in self._ops_by_site.items():
-                module = site_module(self.model, kind, layer, self.layers_path)
-                if kind == "resid_pre":
-                    handle = module.register_forward_pre_hook(self._make_pre_hook(ops), with_kwargs=True)
-                else:
-                    handle = module.register_forward_hook(self._make_hook(ops))
-                self._handles.append(handle)
+                run = functools.partial(self._run_ops, ops)
+                self._handles.append(register_site_hook(self.model, kind, layer, run, self.layers_path))
         except BaseException:
             self.detach(force=True)
             raise
@@ -275,21 +254,11 @@ class InterventionSet:
         handles = []
 
         def capture(key):
-            def hook(module, args, output):
-                captured[key] = unpack_output(output)[0].detach()
-
-            def pre_hook(module, args, kwargs):
-                captured[key] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-            return pre_hook if key[0] == "resid_pre" else hook
+            return lambda h: captured.__setitem__(key, h.detach())  # returns None: read only
 
         try:
             for key in {(op.spec.site, op.layer) for op in ops}:
-                module = site_module(reference_model, key[0], key[1], self.layers_path)
-                if key[0] == "resid_pre":
-                    handles.append(module.register_forward_pre_hook(capture(key), with_kwargs=True))
-                else:
-                    handles.append(module.register_forward_hook(capture(key)))
+                handles.append(register_site_hook(reference_model, *key, capture(key), self.layers_path))
             with self.phase(None):
                 reference_model(**inputs)
         finally:
@@ -336,24 +305,6 @@ class InterventionSet:
                 self._record(op, h, new, mask)
             h, changed = new, True
         return h if changed else None
-
-    def _make_hook(self, ops):
-        def hook(module, args, output):
-            h, repack = unpack_output(output)
-            new = self._run_ops(ops, h)
-            return None if new is None else repack(new)
-
-        return hook
-
-    def _make_pre_hook(self, ops):
-        def pre_hook(module, args, kwargs):
-            if args:
-                new = self._run_ops(ops, args[0])
-                return None if new is None else ((new, *args[1:]), kwargs)
-            new = self._run_ops(ops, kwargs["hidden_states"])
-            return None if new is None else (args, {**kwargs, "hidden_states": new})
-
-        return pre_hook
 
     # --- diagnostics -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -13,9 +13,10 @@ gets an error that says how to register it or pass ``layers_path``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 SITE_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
@@ -164,3 +165,51 @@ def hidden_size(model: nn.Module) -> int:
         if hasattr(config, attr):
             return int(getattr(config, attr))
     raise ValueError(f"Cannot read the hidden size from {type(config).__name__}.")
+
+
+def unpack_output(output):
+    """Split a block output into (hidden tensor, repack function): tensor, tuple/list, or ModelOutput."""
+    if isinstance(output, torch.Tensor):
+        return output, lambda h: h
+    if isinstance(output, (tuple, list)):
+        rest = output[1:]
+        return output[0], lambda h: type(output)((h, *rest))
+    if hasattr(output, "keys") and hasattr(output, "__getitem__"):
+        key = next(iter(output.keys()))
+
+        def repack(h):
+            output[key] = h
+            return output
+
+        return output[key], repack
+    raise TypeError(f"Cannot find the hidden states in a block output of type {type(output).__name__}.")
+
+
+def register_site_hook(
+    model: nn.Module,
+    kind: str,
+    layer: int,
+    fn: Callable[[torch.Tensor], torch.Tensor | None],
+    layers_path: str | None = None,
+):
+    """Hook ``fn(h)`` on the residual stream at a site: it sees the hidden states ``[B, T, d]`` and returns
+    a replacement or None (unchanged). ``resid_pre`` is a pre-hook on the layer's input (positional or
+    ``hidden_states=``), the other sites a hook on the module's output. Returns the handle."""
+    module = site_module(model, kind, layer, layers_path)
+    if kind == "resid_pre":
+
+        def pre_hook(module, args, kwargs):
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            new = fn(kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def hook(module, args, output):
+        h, repack = unpack_output(output)
+        new = fn(h)
+        return None if new is None else repack(new)
+
+    return module.register_forward_hook(hook)

@@ -14,6 +14,7 @@ so left and right padding give the same activations (also for absolute position 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..direction import Direction
-from ..runtime import unpack_output
-from ..sites import SITE_KINDS, decoder_layers, resolve_layers, site_module, unwrap_model
+from ..sites import SITE_KINDS, decoder_layers, register_site_hook, resolve_layers, unwrap_model
 
 POOLINGS = ("mean", "last", "all")
 PADDING_SIDES = ("right", "left")
@@ -250,28 +250,10 @@ class ActivationExtractor:
                 raise _StopForward
             return replaced
 
-        def make_hook(layer: int):
-            def hook(module, args, output):
-                h, repack = unpack_output(output)
-                new = capture(layer, h)
-                return None if new is None else repack(new)
-
-            def pre_hook(module, args, kwargs):
-                if args:
-                    new = capture(layer, args[0])
-                    return None if new is None else ((new, *args[1:]), kwargs)
-                new = capture(layer, kwargs["hidden_states"])
-                return None if new is None else (args, {**kwargs, "hidden_states": new})
-
-            return pre_hook if self.site == "resid_pre" else hook
-
         try:
             for layer in layers:
-                module = site_module(model, self.site, layer, self.layers_path)
-                if self.site == "resid_pre":
-                    handles.append(module.register_forward_pre_hook(make_hook(layer), with_kwargs=True))
-                else:
-                    handles.append(module.register_forward_hook(make_hook(layer)))
+                fn = functools.partial(capture, layer)
+                handles.append(register_site_hook(model, self.site, layer, fn, self.layers_path))
             yield
         finally:
             for handle in handles:
