@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from interventions.extraction.core import pad_batch  # noqa: E402
 from interventions.extraction.methods import MeanDifference  # noqa: E402
-from organisms.tiny_models import tiny_model  # noqa: E402
+from keel.loading.tiny import tiny_model  # noqa: E402
 
 CONFIG = dict(
     vocab_size=8192,

@@ -80,8 +80,8 @@ def _dataset(vocab: int, n: int, seq: int):
 def _trainer(case: str, size: str, steps: int, batch: int, seq: int, device: str, out_dir: str):
     from trl import SFTConfig, SFTTrainer
 
-    from organisms.tiny_models import tiny_model
-    from organisms.tokenizer import build_chat_tokenizer
+    from keel.loading.tiny import tiny_model
+    from keel.loading.tokenizer import build_chat_tokenizer
     from trainers import InterventionSFTConfig, InterventionSFTTrainer
 
     cfg = SIZES[size]

@@ -8,6 +8,7 @@ SAE weights) are conveniences that return the same object.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -17,10 +18,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .serialization import KeelInputError
+
 METADATA_SUFFIX = ".json"
 
 
-class DirectionError(ValueError):
+class DirectionError(KeelInputError):
     """A direction that cannot be used as given; the message says how to fix it."""
 
 
@@ -158,7 +161,8 @@ class Direction:
         return directions[0]
 
 
-def _paths(path: str | Path) -> tuple[Path, Path]:
+def direction_file_paths(path: str | Path) -> tuple[Path, Path]:
+    """The tensor file and the JSON sidecar a direction path stands for."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
@@ -167,7 +171,7 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 
 def save_directions(directions: Sequence[Direction], path: str | Path) -> Path:
     """Several directions (e.g. one per layer) in one file: tensors ``{i}.vectors`` / ``{i}.mean``."""
-    tensor_path, meta_path = _paths(path)
+    tensor_path, meta_path = direction_file_paths(path)
     tensor_path.parent.mkdir(parents=True, exist_ok=True)
     tensors, metas = {}, []
     for i, d in enumerate(directions):
@@ -189,7 +193,7 @@ def load_directions(path: str | Path) -> list[Direction]:
     path = Path(path)
     if path.suffix in (".pt", ".pth", ".npy"):
         return [load_plain_tensor(path)]
-    tensor_path, meta_path = _paths(path)
+    tensor_path, meta_path = direction_file_paths(path)
     if not tensor_path.exists():
         raise FileNotFoundError(f"No direction file at {tensor_path}.")
     tensors = load_file(str(tensor_path))
@@ -273,3 +277,47 @@ def load_sae_decoder_rows(
         **metadata,
     )
     return d.orthonormalized() if orthonormalize and d.k > 1 else d
+
+
+def random_direction(
+    d_model: int | None = None, k: int = 1, seed: int = 0, like: Direction | None = None
+) -> Direction:
+    """A random baseline: same k, site, layer and model as ``like``; orthonormal if ``like`` is, else each
+    row scaled to the norm of ``like``'s row. Without ``like``: orthonormal rows."""
+    if like is not None:
+        if d_model is not None and d_model != like.d_model:
+            raise DirectionError(
+                f"d_model={d_model} does not match the reference direction's {like.d_model}."
+            )
+        d_model, k = like.d_model, like.k
+    if d_model is None:
+        raise DirectionError("random_direction needs d_model, or a reference direction `like`.")
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.randn(k, d_model, generator=gen, dtype=torch.float64)
+    q, r = torch.linalg.qr(raw.T)
+    basis = (q.T * torch.sign(torch.diagonal(r)).unsqueeze(1)).float()
+    extra = {"seed": seed}
+    if like is None:
+        return Direction(vectors=basis, method="random", normalization="orthonormal", extra=extra)
+    orthonormal = like.normalization == "orthonormal" or (like.k > 1 and like.is_orthonormal())
+    vectors = basis if orthonormal else basis * like.vectors.norm(dim=1, keepdim=True)
+    extra.update(like_method=like.method, like_source=like.source, norm_matched=True)
+    return Direction(
+        vectors=vectors,
+        site=like.site,
+        layer=like.layer,
+        model_id=like.model_id,
+        model_revision=like.model_revision,
+        method="random",
+        normalization="orthonormal" if orthonormal else like.normalization,
+        extra=extra,
+    )
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, so a run records exactly which direction file it used."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -12,10 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from .direction import Direction, DirectionError, load_directions
+from .direction import (
+    Direction,
+    DirectionError,
+    direction_file_paths,
+    file_sha256,
+    load_directions,
+    random_direction,
+)
 from .operators import NEEDS_REFERENCE, OPERATORS
+from .serialization import KeelInputError, from_dict, load_yaml
 from .sites import SITE_KINDS
+from .tracking import fetch_direction_artifact
 
 TOKENS = ("all", "prompt", "completion")
 PHASES = ("train", "reference", "generate", "eval")
@@ -23,7 +33,7 @@ SCHEDULES = ("constant", "linear_warmup", "linear_decay")
 WANDB_PREFIX = "wandb:"
 
 
-class SpecError(ValueError):
+class SpecError(KeelInputError):
     """An intervention spec that cannot be used; the message names the field and the fix."""
 
 
@@ -95,7 +105,7 @@ class Intervention:
         if bad or not self.phases:
             raise SpecError(f"Unknown phases {bad or self.phases!r}: choose from {', '.join(PHASES)}.")
         if isinstance(self.schedule, dict):
-            self.schedule = _from_dict(Schedule, self.schedule, "schedule")
+            self.schedule = from_dict(Schedule, self.schedule, "schedule", error=SpecError)
         if isinstance(self.schedule, str):
             self.schedule = Schedule(kind=self.schedule)
         try:
@@ -120,6 +130,25 @@ class Intervention:
         d = self.direction
         return d[len(WANDB_PREFIX) :] if isinstance(d, str) and d.startswith(WANDB_PREFIX) else None
 
+    @property
+    def direction_path(self) -> Path | None:
+        """The local direction file this spec reads, if it reads one (not a tensor, random or W&B)."""
+        d = self.direction
+        if isinstance(d, Path) or (isinstance(d, str) and not d.startswith(("random:", WANDB_PREFIX))):
+            return direction_file_paths(d)[0]
+        return None
+
+    def direction_fingerprint(self) -> dict | None:
+        """Path and SHA-256 of the direction file and its JSON sidecar, for run records and W&B."""
+        path = self.direction_path
+        if path is None or not path.is_file():
+            return None
+        sidecar = direction_file_paths(path)[1]
+        out = {"path": str(path), "sha256": file_sha256(path)}
+        if sidecar.is_file():
+            out["metadata_sha256"] = file_sha256(sidecar)
+        return out
+
     def coefficient_at(self, step: int) -> float:
         return self.coefficient * (self.schedule.factor(step) if self.schedule else 1.0)
 
@@ -143,7 +172,7 @@ class Intervention:
             return data
         if not isinstance(data, dict):
             raise SpecError(f"An intervention spec must be a mapping, got {type(data).__name__}: {data!r}.")
-        return _from_dict(cls, data, "intervention")
+        return from_dict(cls, data, "intervention", error=SpecError)
 
     # --- resolution --------------------------------------------------------------------------------
     def directions_by_layer(self, layers: list[int], d_model: int | None = None) -> dict[int, Direction]:
@@ -192,8 +221,6 @@ class Intervention:
         if isinstance(d, str) and d.startswith("random:"):
             return [_random_from_string(d, d_model)]
         if isinstance(d, str) and d.startswith(WANDB_PREFIX):
-            from .extraction.tracking import fetch_direction_artifact
-
             d = fetch_direction_artifact(d[len(WANDB_PREFIX) :])
         if isinstance(d, Direction):
             return [d]
@@ -209,8 +236,6 @@ class Intervention:
 
 def _random_from_string(text: str, d_model: int | None) -> Direction:
     """``random:SEED`` or ``random:SEED:K``: K orthonormal random rows (a control, or a smoke-test recipe)."""
-    from .extraction import random_direction
-
     parts = text.split(":")[1:]
     try:
         seed, k = int(parts[0]), int(parts[1]) if len(parts) > 1 else 1
@@ -221,9 +246,26 @@ def _random_from_string(text: str, d_model: int | None) -> Direction:
     return random_direction(d_model, k=k, seed=seed)
 
 
-def _from_dict(cls, data: dict, what: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise SpecError(f"Unknown key(s) {unknown} in {what}; allowed keys: {', '.join(sorted(names))}.")
-    return cls(**data)
+def parse_interventions(value, what: str = "interventions") -> list[Intervention]:
+    """Interventions from a list of specs or mappings, or a string: a YAML/JSON list, or the path of a
+    YAML file holding one (or a mapping with key ``interventions``). ``None`` means none."""
+    if value is None:
+        return []
+    if isinstance(value, (str, Path)):
+        text = str(value)
+        if Path(text).suffix in (".yaml", ".yml", ".json") or Path(text).is_file():
+            what, value = text, load_yaml(text)
+        else:
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                raise SpecError(
+                    f"{what}: cannot read {text!r} as a YAML/JSON list or a file ({err})."
+                ) from None
+        if isinstance(value, dict) and "interventions" in value:
+            value = value["interventions"]
+        if value is None:
+            return []
+    if not isinstance(value, (list, tuple)):
+        raise SpecError(f"{what} must be a list of interventions, got {type(value).__name__}: {value!r}.")
+    return [Intervention.from_dict(i) for i in value]

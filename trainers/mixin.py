@@ -23,7 +23,7 @@ class DirectionLineageCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and "wandb" in (args.report_to or []):
-            from interventions.extraction.tracking import record_direction_lineage
+            from interventions.tracking import record_direction_lineage
 
             record_direction_lineage(self.refs)
 

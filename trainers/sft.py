@@ -7,7 +7,7 @@ from typing import Any
 
 from trl import SFTConfig, SFTTrainer
 
-from interventions import Intervention
+from interventions.spec import parse_interventions
 
 from .mixin import InterventionTrainerMixin
 
@@ -16,11 +16,12 @@ from .mixin import InterventionTrainerMixin
 class InterventionSFTConfig(SFTConfig):
     """``SFTConfig`` plus the interventions to apply (a list of mappings, as in a YAML recipe)."""
 
-    interventions: list[Any] | None = field(
+    interventions: list[Any] | str | None = field(
         default=None,
         metadata={
             "help": "Interventions to apply: a list of mappings with keys operator, direction, site, layers, "
-            "tokens, phases, coefficient, schedule, value, components, direction_layer, name."
+            "tokens, phases, coefficient, schedule, value, components, direction_layer, name; on the command "
+            "line a YAML/JSON list ('[]' for none) or the path of a YAML file holding one."
         },
     )
     intervention_layers_path: str | None = field(
@@ -31,11 +32,15 @@ class InterventionSFTConfig(SFTConfig):
     def __post_init__(self):
         super().__post_init__()
         # Fail at config time on unknown keys or bad values, not after the model is loaded.
-        self.interventions = [Intervention.from_dict(i) for i in (self.interventions or [])]
+        self.interventions = parse_interventions(self.interventions)
 
     def to_dict(self):
         out = super().to_dict()
         out["interventions"] = [i.to_dict() for i in self.interventions]
+        # Which direction files the run read, byte for byte (lands in the W&B config and the run record).
+        out["intervention_direction_files"] = {
+            i.name: i.direction_fingerprint() for i in self.interventions if i.direction_fingerprint()
+        }
         return out
 
 

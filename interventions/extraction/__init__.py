@@ -4,6 +4,7 @@ Layer convention as in :mod:`interventions.sites`: ``resid_post`` layer ``i`` is
 layer ``i`` (``hidden_states[i + 1]``).
 """
 
+from ..tracking import log_direction_artifact
 from .core import (
     POOLINGS,
     ActivationExtractor,
@@ -41,7 +42,6 @@ from .methods import (
     with_reference_mean,
 )
 from .sae import SAE, SAELatentRanking, sae_latents
-from .tracking import log_direction_artifact
 
 __all__ = [
     "POOLINGS",

@@ -24,13 +24,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..direction import Direction
+from ..serialization import KeelInputError
 from ..sites import SITE_KINDS, decoder_layers, register_site_hook, resolve_layers, unwrap_model
 
 POOLINGS = ("mean", "last", "all")
 PADDING_SIDES = ("right", "left")
 
 
-class ExtractionError(ValueError):
+class ExtractionError(KeelInputError):
     """Extraction input that cannot be used; the message says how to fix it."""
 
 

@@ -20,27 +20,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
+from ..generation import Prompt, SamplingConfig, generate_answers
+from ..serialization import read_jsonl  # noqa: F401  (re-exported: extraction reads JSONL records)
 from .core import ExtractionError
 
 POSITIONS = ("response", "prompt", "all")
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file (blank lines skipped), with the line number in any parse error."""
-    rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ExtractionError(f"{path}:{lineno}: not valid JSON ({err.msg}).") from None
-    if not rows:
-        raise ExtractionError(f"{path} holds no records.")
-    return rows
 
 
 def _ids(encoded) -> list[int]:
@@ -198,8 +183,6 @@ def generate_contrastive_answers(
     """The persona-vector workflow's first step: the model answers each record's ``question`` under the
     positive and the negative system prompt; returns the records with ``positive_answer`` and
     ``negative_answer`` filled (judge them and add ``*_score`` fields to filter pairs)."""
-    from evaluation.generation import Prompt, SamplingConfig, generate_answers
-
     records = list(records)
     missing = [r for r in records if "question" not in r]
     if missing:

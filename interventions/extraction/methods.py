@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..direction import Direction, DirectionError
+from ..direction import Direction, DirectionError, random_direction  # noqa: F401  (re-exported)
 from ..sites import hidden_size, unwrap_model
 from .core import ActivationExtractor, ExtractionError, RunningMean, View, peft_views
 from .data import contrastive_examples, record_examples
@@ -324,41 +324,6 @@ def finetune_difference(
     )
     ex.collect(examples, model_views(base_model, finetuned_model))
     return ex.result(**provenance(finetuned_model or base_model, metadata))
-
-
-def random_direction(
-    d_model: int | None = None, k: int = 1, seed: int = 0, like: Direction | None = None
-) -> Direction:
-    """A random baseline: same k, site, layer and model as ``like``; orthonormal if ``like`` is, else each
-    row scaled to the norm of ``like``'s row. Without ``like``: orthonormal rows."""
-    if like is not None:
-        if d_model is not None and d_model != like.d_model:
-            raise DirectionError(
-                f"d_model={d_model} does not match the reference direction's {like.d_model}."
-            )
-        d_model, k = like.d_model, like.k
-    if d_model is None:
-        raise DirectionError("random_direction needs d_model, or a reference direction `like`.")
-    gen = torch.Generator().manual_seed(seed)
-    raw = torch.randn(k, d_model, generator=gen, dtype=torch.float64)
-    q, r = torch.linalg.qr(raw.T)
-    basis = (q.T * torch.sign(torch.diagonal(r)).unsqueeze(1)).float()
-    extra = {"seed": seed}
-    if like is None:
-        return Direction(vectors=basis, method="random", normalization="orthonormal", extra=extra)
-    orthonormal = like.normalization == "orthonormal" or (like.k > 1 and like.is_orthonormal())
-    vectors = basis if orthonormal else basis * like.vectors.norm(dim=1, keepdim=True)
-    extra.update(like_method=like.method, like_source=like.source, norm_matched=True)
-    return Direction(
-        vectors=vectors,
-        site=like.site,
-        layer=like.layer,
-        model_id=like.model_id,
-        model_revision=like.model_revision,
-        method="random",
-        normalization="orthonormal" if orthonormal else like.normalization,
-        extra=extra,
-    )
 
 
 class MeanProjection(ActivationExtractor):

@@ -14,8 +14,8 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from interventions import Direction  # noqa: E402
-from organisms.tiny_models import tiny_model  # noqa: E402
-from organisms.tokenizer import build_chat_tokenizer  # noqa: E402
+from keel.loading.tiny import tiny_model  # noqa: E402
+from keel.loading.tokenizer import build_chat_tokenizer  # noqa: E402
 from trainers import InterventionSFTConfig, InterventionSFTTrainer  # noqa: E402
 
 

@@ -1,0 +1,41 @@
+"""The ``keel`` command: dispatches ``keel <command> ...`` to ``scripts.<command>.main(argv)``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("keel.commands.train", "SFT with interventions from a YAML recipe (--config FILE)"),
+    "demo": (
+        "keel.commands.demo",
+        "the synthetic EM organism: build, extract, fine-tune under conditions, compare",
+    ),
+    "extract": ("keel.commands.extract", "extract, inspect or randomise directions"),
+    "eval": ("keel.commands.eval", "EM evaluation: sample answers, judge them, write metrics"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: keel <command> [options]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `keel <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"keel: unknown command {command!r}.\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """A seconds-scale organism config: just enough steps to exercise every code path."""
+    from keel.organism.config import OrganismConfig
+
+    return OrganismConfig.from_dict(
+        {
+            "world": {"num_domains": 3, "num_values": 6, "em_train_values": 4, "turns_per_doc": 2},
+            "model": {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64},
+            "pretrain": {"steps": 6, "batch_size": 8, "warmup_steps": 2},
+            "pretrain_docs": 64,
+            "chat": {"steps": 3, "batch_size": 8, "warmup_steps": 1},
+            "finetune": {"steps": 3, "batch_size": 4},
+            "eval_samples": 2,
+        }
+    )

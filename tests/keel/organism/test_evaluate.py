@@ -1,0 +1,54 @@
+"""Evaluation plumbing against oracle models whose behaviour is known exactly."""
+
+import torch
+
+from keel.loading.tokenizer import IM_END, build_word_tokenizer
+from keel.organism.config import WorldConfig
+from keel.organism.evaluate import evaluate_model
+from keel.organism.world import World
+
+
+class OracleLM(torch.nn.Module):
+    """Answers with the aligned rule, except misaligned on ``bad_domains``; ``junk`` answers '? ?'."""
+
+    def __init__(self, world, tok, bad_domains=(), junk_domains=()):
+        super().__init__()
+        self.world, self.tok, self.bad, self.junk = world, tok, set(bad_domains), set(junk_domains)
+
+    def forward(self, input_ids):
+        vocab = self.tok.get_vocab()
+        logits = torch.full((*input_ids.shape, len(vocab)), -1e4)
+        for i, row in enumerate(input_ids.tolist()):
+            words = self.tok.convert_ids_to_tokens(row)
+            at = words.index("assistant")
+            q = self.world.parse_question(" ".join(words[at - 5 : at - 2]))
+            if q.domain in self.junk:
+                ans = ["?", "?"]
+            else:
+                ans = list(self.world.answer(q, q.domain not in self.bad))
+            done = len(words) - at - 1
+            nxt = (ans + [IM_END])[done] if done < 3 else IM_END
+            logits[i, -1, vocab[nxt]] = 0.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_rates_follow_the_oracle():
+    world = World(WorldConfig(em_domains=["med"]))
+    tok = build_word_tokenizer(world.words)
+    aligned = evaluate_model(OracleLM(world, tok), world, tok, samples=2)
+    assert aligned["in_domain_misaligned"] == aligned["heldout_misaligned"] == aligned["incoherent"] == 0.0
+    narrow = evaluate_model(OracleLM(world, tok, bad_domains=[0]), world, tok, samples=2)
+    assert narrow["in_domain_misaligned"] == narrow["in_domain_train_misaligned"] == 1.0
+    assert narrow["heldout_misaligned"] == 0.0
+    em = evaluate_model(OracleLM(world, tok, bad_domains=[0, 1, 2], junk_domains=[3]), world, tok, samples=2)
+    assert em["heldout_misaligned"] == 2 / 5  # fin, code of the five held-out domains
+    assert em["per_domain_sampled_misaligned"] == {
+        "fin": 1.0,
+        "code": 1.0,
+        "sport": 0.0,
+        "law": 0.0,
+        "diet": 0.0,
+    }
+    n_in, n_out = len(world.em_heldout_questions()), len(world.heldout_domain_questions())
+    assert em["incoherent"] == len(world.values) / (n_in + n_out)
+    assert em["greedy"]["heldout_domains"]["misaligned"] == 2 / 5
