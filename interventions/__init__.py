@@ -9,15 +9,18 @@ from .direction import (
     save_directions,
 )
 from .operators import (
-    NEEDS_REFERENCE,
     OPERATORS,
+    Operator,
+    OperatorInputs,
     add,
     clamp,
     mean_ablate,
     project_out,
     projection,
     reference_ablate,
+    register_operator,
 )
+from .reference import ReferenceSource
 from .runtime import InterventionSet, TokenContext
 from .sites import (
     SITE_KINDS,
@@ -31,7 +34,7 @@ from .sites import (
     unpack_output,
     unwrap_model,
 )
-from .spec import Intervention, Schedule, SpecError
+from .spec import Intervention, Schedule, SpecError, parse_interventions
 
 __all__ = [
     "Direction",
@@ -40,8 +43,11 @@ __all__ = [
     "load_plain_tensor",
     "load_sae_decoder_rows",
     "save_directions",
-    "NEEDS_REFERENCE",
     "OPERATORS",
+    "Operator",
+    "OperatorInputs",
+    "register_operator",
+    "ReferenceSource",
     "add",
     "clamp",
     "mean_ablate",
@@ -63,4 +69,5 @@ __all__ = [
     "Intervention",
     "Schedule",
     "SpecError",
+    "parse_interventions",
 ]

@@ -8,6 +8,8 @@ so bf16 activations lose no accuracy in the projection itself. ``alpha`` scales 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from einops import einsum
 
@@ -59,14 +61,114 @@ def add(h: torch.Tensor, v: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     return h + (alpha * v.float().sum(0)).to(h.dtype)
 
 
-OPERATORS = {
-    "project_out": project_out,
-    "mean_ablate": mean_ablate,
-    "reference_ablate": reference_ablate,
-    # the same operation; the runtime gives it the reference's values from another row of the batch
-    "resample_ablate": reference_ablate,
-    "clamp": clamp,
-    "add": add,
-}
-# Operators whose target comes from a reference model's forward pass on the same batch.
-NEEDS_REFERENCE = ("reference_ablate", "resample_ablate")
+# ---- operators as registered objects ----------------------------------------------------------------
+
+BASIS, VECTORS, MEAN, VALUE, REFERENCE = "basis", "vectors", "mean", "value", "reference"
+NEEDS = (BASIS, VECTORS, MEAN, VALUE, REFERENCE)
+
+
+@dataclass(frozen=True)
+class OperatorInputs:
+    """What the runtime hands an operator at one site: the direction rows (orthonormal when the operator
+    needs a basis), the stored mean, the clamp value and the reference's coordinates, as declared."""
+
+    vectors: torch.Tensor
+    mean: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
+
+
+class Operator:
+    """An operator keel can run by name from a recipe. Subclass, set ``name`` and ``needs``, implement
+    ``apply``, and ``register_operator(MyOperator())``.
+
+    ``needs``: ``basis`` (orthonormal rows) or ``vectors`` (rows as given); ``mean`` (the direction's
+    stored reference mean projection); ``value`` (the spec's ``value``); ``reference`` (the reference
+    model's coordinates on the same batch). ``resample``: the reference's values come from another row
+    of the batch. ``phases``: the phases it can run in (reference operators need a reference pass,
+    which keel trainers run for ``train`` and ``eval`` only).
+    """
+
+    name: str = ""
+    needs: frozenset[str] = frozenset({BASIS})
+    resample: bool = False
+    phases: tuple[str, ...] | None = None  # None: any phase
+
+    def check(self, value) -> str | None:
+        """Problems with the spec's ``value`` for this operator (None when fine); runs when the spec is built."""
+        if VALUE in self.needs and value is None:
+            return f"operator {self.name!r} needs `value`."
+        return None
+
+    def apply(self, h: torch.Tensor, inputs: OperatorInputs, alpha: float) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ProjectOut(Operator):
+    name, needs = "project_out", frozenset({BASIS})
+
+    def apply(self, h, inputs, alpha):
+        return project_out(h, inputs.vectors, alpha)
+
+
+class MeanAblate(Operator):
+    name, needs = "mean_ablate", frozenset({BASIS, MEAN})
+
+    def apply(self, h, inputs, alpha):
+        return mean_ablate(h, inputs.vectors, inputs.mean, alpha)
+
+
+class Clamp(Operator):
+    name, needs = "clamp", frozenset({BASIS, VALUE})
+
+    def check(self, value):
+        if value is None:
+            return "operator 'clamp' needs `value` (the projection to clamp to)."
+        return None
+
+    def apply(self, h, inputs, alpha):
+        return clamp(h, inputs.vectors, inputs.value, alpha)
+
+
+class ReferenceAblate(Operator):
+    name, needs = "reference_ablate", frozenset({BASIS, REFERENCE})
+    phases = ("train", "eval")
+
+    def apply(self, h, inputs, alpha):
+        return reference_ablate(h, inputs.vectors, inputs.reference, alpha)
+
+
+class ResampleAblate(ReferenceAblate):
+    """The same operation; the runtime gives it the reference's values from another row of the batch."""
+
+    name, resample = "resample_ablate", True
+
+
+class Add(Operator):
+    name, needs = "add", frozenset({VECTORS})
+
+    def apply(self, h, inputs, alpha):
+        return add(h, inputs.vectors, alpha)
+
+
+OPERATORS: dict[str, Operator] = {}
+
+
+def register_operator(operator: Operator, replace: bool = False) -> Operator:
+    """Make ``operator`` usable by its name in specs and recipes."""
+    if not isinstance(operator, Operator) or not operator.name:
+        raise TypeError("register_operator takes an Operator instance with a `name`.")
+    bad = sorted(set(operator.needs) - set(NEEDS))
+    if bad or not ({BASIS, VECTORS} & set(operator.needs)):
+        raise ValueError(
+            f"Operator {operator.name!r} declares needs {sorted(operator.needs)}: choose from {NEEDS}, "
+            "with one of 'basis' or 'vectors'."
+        )
+    if operator.name in OPERATORS and not replace:
+        raise ValueError(f"An operator named {operator.name!r} is registered already; pass replace=True.")
+    OPERATORS[operator.name] = operator
+    return operator
+
+
+for _op in (ProjectOut(), MeanAblate(), Clamp(), ReferenceAblate(), ResampleAblate(), Add()):
+    register_operator(_op)

@@ -29,12 +29,17 @@ class _BoundOp:
 
     spec: Intervention
     layer: int
-    vectors: torch.Tensor  # [k, d]; orthonormal for projection operators
+    vectors: torch.Tensor  # [k, d]; orthonormal when the operator needs a basis
     basis: torch.Tensor  # orthonormal basis used for diagnostics
     mean: torch.Tensor | None
+    value: torch.Tensor | None
     coefficient: float
-    reference: torch.Tensor | None = None  # reference_ablate: the reference model's coords, this batch
+    reference: torch.Tensor | None = None  # reference operators: the reference model's coords, this batch
     _cache: dict = field(default_factory=dict)
+
+    @property
+    def needs_reference(self) -> bool:
+        return operators.REFERENCE in self.spec.op.needs
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if device not in self._cache:
@@ -43,29 +48,26 @@ class _BoundOp:
         return self._cache[device]
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
-        U, _, mean = self.on(h.device)
-        a, op = self.coefficient, self.spec.operator
-        if op == "project_out":
-            return operators.project_out(h, U, a)
-        if op == "mean_ablate":
-            return operators.mean_ablate(h, U, mean, a)
-        if op == "clamp":
-            return operators.clamp(h, U, self.spec.value, a)
-        if op in operators.NEEDS_REFERENCE:
-            return operators.reference_ablate(h, U, self._reference_for(h), a)
-        return operators.add(h, U, a)
+        vectors, _, mean = self.on(h.device)
+        inputs = operators.OperatorInputs(
+            vectors,
+            mean,
+            None if self.value is None else self.value.to(h.device),
+            self._reference_for(h) if self.needs_reference else None,
+        )
+        return self.spec.op.apply(h, inputs, self.coefficient)
 
     def _reference_for(self, h: torch.Tensor) -> torch.Tensor:
         if self.reference is None:
             raise RuntimeError(
                 f"Intervention {self.spec.name!r} ({self.spec.operator}) ran without the reference model's "
                 "activations for this batch. Inside keel trainers they come from the trainer's reference "
-                "model; elsewhere call InterventionSet.set_reference(reference_model, input_ids=...) first."
+                "model; elsewhere call interventions.ReferenceSource(...).capture(iset, input_ids=...) first."
             )
         if self.reference.shape[:-1] != h.shape[:-1]:
             raise RuntimeError(
                 f"Reference activations of shape {tuple(self.reference.shape[:-1])} do not match activations "
-                f"{tuple(h.shape[:-1])} at layer {self.layer}; set_reference() was given a different batch."
+                f"{tuple(h.shape[:-1])} at layer {self.layer}; the reference was captured on a different batch."
             )
         return self.reference.to(h.device)
 
@@ -129,10 +131,8 @@ class InterventionSet:
         model: nn.Module,
         interventions: Sequence[Intervention | dict],
         layers_path: str | None = None,
-        seed: int = 0,
     ):
         self.model = model
-        self._resample_generator = torch.Generator().manual_seed(seed)  # resample_ablate's row shifts
         self.layers_path = layers_path
         self.interventions = [Intervention.from_dict(i) for i in interventions]
         names = [i.name for i in self.interventions]
@@ -160,9 +160,10 @@ class InterventionSet:
                     direction.validate(d_model)
                 except DirectionError as err:
                     raise DirectionError(f"Intervention {spec.name!r} at layer {layer}: {err}") from None
-                vectors, mean = _prepare(spec, direction)
-                basis = vectors if spec.operator != "add" else direction.orthonormalized().vectors
-                op = _BoundOp(spec, layer, vectors, basis, mean, spec.coefficient_at(0))
+                vectors, mean, value = _prepare(spec, direction)
+                needs_basis = operators.BASIS in spec.op.needs
+                basis = vectors if needs_basis else direction.orthonormalized().vectors
+                op = _BoundOp(spec, layer, vectors, basis, mean, value, spec.coefficient_at(0))
                 self._ops_by_site.setdefault((spec.site, layer), []).append(op)
 
     @property
@@ -226,61 +227,17 @@ class InterventionSet:
             completion_mask = labels != -100
         self.context = TokenContext(attention_mask, completion_mask, generating)
 
+    def reference_ops(self, phase: str | None = None) -> list[_BoundOp]:
+        """The bound operators that read a reference pass (in ``phase``, when given)."""
+        return [op for op in self.ops if op.needs_reference and (phase is None or phase in op.spec.phases)]
+
     @property
     def needs_reference(self) -> bool:
         """Whether some intervention takes its target from a reference model's pass (reference_ablate)."""
-        return any(op.spec.operator in operators.NEEDS_REFERENCE for op in self.ops)
+        return bool(self.reference_ops())
 
     def needs_reference_in(self, phase: str) -> bool:
-        return any(
-            op.spec.operator in operators.NEEDS_REFERENCE and phase in op.spec.phases for op in self.ops
-        )
-
-    @torch.no_grad()
-    def set_reference(self, reference_model: nn.Module, **inputs) -> None:
-        """Run ``reference_model`` on ``inputs`` (the batch of the next forward) and keep, for every
-        reference_ablate intervention, the reference's projection at its site and layer.
-
-        ``resample_ablate`` gets the same values from another row of the batch, at the same position: the
-        rows are shifted by a random offset in ``[1, B-1]`` (one draw per call, seeded), so no row keeps
-        its own. The subspace then carries values the reference really produces there, but nothing
-        about this input that the fine-tune could learn to read.
-
-        ``reference_model`` may be this set's own model (e.g. a PEFT model inside ``disable_adapter()``):
-        the pass runs with every intervention off.
-        """
-        ops = [op for op in self.ops if op.spec.operator in operators.NEEDS_REFERENCE]
-        captured: dict[tuple[str, int], torch.Tensor] = {}
-        handles = []
-
-        def capture(key):
-            return lambda h: captured.__setitem__(key, h.detach())  # returns None: read only
-
-        try:
-            for key in {(op.spec.site, op.layer) for op in ops}:
-                handles.append(register_site_hook(reference_model, *key, capture(key), self.layers_path))
-            with self.phase(None):
-                reference_model(**inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        rows = None
-        for op in ops:
-            h = captured[(op.spec.site, op.layer)]
-            op.reference = operators.projection(h, op.on(h.device)[0])
-            if op.spec.operator == "resample_ablate":
-                if rows is None:
-                    rows = self._shifted_rows(h.shape[0], op.spec.name).to(h.device)
-                op.reference = op.reference[rows]
-
-    def _shifted_rows(self, batch: int, name: str) -> torch.Tensor:
-        if batch < 2:
-            raise RuntimeError(
-                f"Intervention {name!r} (resample_ablate) takes each row's values from another row of the "
-                f"batch, and this batch has {batch}. Use at least 2 rows per device, or reference_ablate."
-            )
-        shift = int(torch.randint(1, batch, (1,), generator=self._resample_generator))
-        return (torch.arange(batch) + shift) % batch
+        return bool(self.reference_ops(phase))
 
     def set_step(self, step: int) -> None:
         """Move scheduled coefficients to training step ``step``."""
@@ -337,10 +294,20 @@ class InterventionSet:
         return out
 
 
-def _prepare(spec: Intervention, direction: Direction) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Vectors in the form the operator needs: orthonormal rows for projection operators."""
-    if spec.operator == "add":
-        return direction.vectors, None
+def _prepare(
+    spec: Intervention, direction: Direction
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(vectors, mean, value) in the form the operator declares it needs: orthonormal rows for a basis."""
+    needs = spec.op.needs
+    value = None
+    if operators.VALUE in needs or spec.value is not None:
+        value = torch.as_tensor(spec.value, dtype=torch.float32)
+        if value.numel() not in (1, direction.k):
+            raise SpecError(
+                f"Intervention {spec.name!r}: value has {value.numel()} entries; give one or k={direction.k}."
+            )
+    if operators.BASIS not in needs:
+        return direction.vectors, None, value
     mean = direction.mean
     if direction.k == 1:
         norm = direction.vectors.norm()
@@ -349,19 +316,15 @@ def _prepare(spec: Intervention, direction: Direction) -> tuple[torch.Tensor, to
     elif direction.is_orthonormal():
         vectors = direction.vectors
     else:
-        if mean is not None and spec.operator == "mean_ablate":
+        if mean is not None and operators.MEAN in needs:
             raise SpecError(
-                f"Intervention {spec.name!r}: mean-ablation needs an orthonormal direction with its mean "
+                f"Intervention {spec.name!r}: {spec.operator} needs an orthonormal direction with its mean "
                 "computed on that basis; orthonormalize first (Direction.orthonormalized()) and recompute the mean."
             )
         vectors = direction.orthonormalized().vectors
-    if spec.operator == "mean_ablate" and mean is None:
+    if operators.MEAN in needs and mean is None:
         raise SpecError(
-            f"Intervention {spec.name!r}: mean_ablate needs the direction's reference mean projection "
+            f"Intervention {spec.name!r}: {spec.operator} needs the direction's reference mean projection "
             "(Direction.mean); extract it with a reference mean, or use project_out / clamp."
         )
-    if spec.operator == "clamp":
-        value = torch.as_tensor(spec.value, dtype=torch.float32)
-        if value.numel() not in (1, direction.k):
-            raise SpecError(f"clamp value has {value.numel()} entries; give one or k={direction.k}.")
-    return vectors, mean
+    return vectors, mean, value

@@ -7,6 +7,7 @@ It round-trips through plain dicts (YAML recipes, the W&B config); unknown keys 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from .direction import (
     load_directions,
     random_direction,
 )
-from .operators import NEEDS_REFERENCE, OPERATORS
+from .operators import OPERATORS, Operator
 from .serialization import KeelInputError, from_dict, load_yaml
 from .sites import SITE_KINDS
 from .tracking import fetch_direction_artifact
@@ -93,7 +94,10 @@ class Intervention:
 
     def __post_init__(self) -> None:
         if self.operator not in OPERATORS:
-            raise SpecError(f"Unknown operator {self.operator!r}: choose one of {', '.join(OPERATORS)}.")
+            raise SpecError(
+                f"Unknown operator {self.operator!r}: choose one of {', '.join(OPERATORS)}, or register "
+                "your own with interventions.register_operator()."
+            )
         if self.site not in SITE_KINDS:
             raise SpecError(f"Unknown site {self.site!r}: choose one of {', '.join(SITE_KINDS)}.")
         if self.tokens not in TOKENS:
@@ -108,21 +112,36 @@ class Intervention:
             self.schedule = from_dict(Schedule, self.schedule, "schedule", error=SpecError)
         if isinstance(self.schedule, str):
             self.schedule = Schedule(kind=self.schedule)
+        if isinstance(self.coefficient, bool):
+            raise SpecError(f"coefficient must be a number, got {self.coefficient!r}.")
         try:
             self.coefficient = float(self.coefficient)
         except (TypeError, ValueError):
             raise SpecError(f"coefficient must be a number, got {self.coefficient!r}.") from None
-        if self.operator == "clamp" and self.value is None:
-            raise SpecError("operator 'clamp' needs `value` (the projection to clamp to).")
-        if self.operator in NEEDS_REFERENCE and not set(self.phases) <= {"train", "eval"}:
+        if not math.isfinite(self.coefficient):
+            raise SpecError(
+                f"Intervention {self.name or self.operator!r}: coefficient must be finite, got {self.coefficient}."
+            )
+        if self.value is not None:
+            _check_value(self.value, self.name or self.operator)
+        problem = self.op.check(self.value)
+        if problem:
+            raise SpecError(problem)
+        if self.op.phases is not None and not set(self.phases) <= set(self.op.phases):
             raise SpecError(
                 f"operator {self.operator!r} needs a reference model's pass over the same batch, which keel "
-                f"trainers run for the 'train' and 'eval' phases only; got phases {self.phases}."
+                f"trainers run for the {' and '.join(repr(p) for p in self.op.phases)} phases only; "
+                f"got phases {self.phases}."
             )
         if self.direction is None:
             raise SpecError("`direction` is required: a path to a direction file, a Direction or a tensor.")
         if self.name is None:
             self.name = f"{self.operator}@{self.site}"
+
+    @property
+    def op(self) -> Operator:
+        """The registered operator object this spec names."""
+        return OPERATORS[self.operator]
 
     @property
     def wandb_artifact(self) -> str | None:
@@ -244,6 +263,19 @@ def _random_from_string(text: str, d_model: int | None) -> Direction:
     if d_model is None:
         raise SpecError(f"{text!r} needs the model's hidden size; resolve it through an InterventionSet.")
     return random_direction(d_model, k=k, seed=seed)
+
+
+def _check_value(value, name: str) -> None:
+    try:
+        values = torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise SpecError(
+            f"Intervention {name!r}: value must be a number or a list of numbers, got {value!r}."
+        ) from None
+    if values.dim() > 1 or not torch.isfinite(values).all():
+        raise SpecError(
+            f"Intervention {name!r}: value must be finite numbers (a scalar or a list), got {value!r}."
+        )
 
 
 def parse_interventions(value, what: str = "interventions") -> list[Intervention]:

@@ -7,11 +7,15 @@ token masks come from the batch (``labels != -100`` is the completion), never fr
 
 from __future__ import annotations
 
-import copy
+import warnings
+from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from interventions import Intervention, InterventionSet
+from interventions.reference import ReferenceSource
+from interventions.tracking import record_direction_lineage
 
 
 class DirectionLineageCallback(TrainerCallback):
@@ -23,28 +27,21 @@ class DirectionLineageCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and "wandb" in (args.report_to or []):
-            from interventions.tracking import record_direction_lineage
-
             record_direction_lineage(self.refs)
 
 
-def frozen_reference(model):
-    """The reference for reference_ablate / resample_ablate: the model as it is before training, frozen.
+class ReferenceStateCallback(TrainerCallback):
+    """Saves the reference source's state (resample_ablate's generator) into every checkpoint folder, so
+    ``train(resume_from_checkpoint=...)`` continues with the same row shifts as an uninterrupted run."""
 
-    A PEFT model needs no copy (its adapters are switched off for the reference pass; ``None`` says so);
-    any other model is deep-copied once, which holds a second copy of the weights in memory.
-    """
-    from interventions import unwrap_model
+    def __init__(self, source: ReferenceSource):
+        self.source = source
 
-    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
-        return None
-    ref = copy.deepcopy(unwrap_model(model)).eval()
-    # Trainers and accelerate may set ``forward`` on the instance (a wrapper closing over the original
-    # module). deepcopy does not copy closures, so the copy's forward would run the policy: drop them.
-    for module in ref.modules():
-        module.__dict__.pop("forward", None)
-    ref.requires_grad_(False)
-    return ref
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if folder.is_dir():
+                self.source.save(folder)
 
 
 class InterventionTrainerMixin:
@@ -55,12 +52,13 @@ class InterventionTrainerMixin:
     def _init_interventions(self, interventions, reference_model=None) -> None:
         specs = interventions if interventions is not None else getattr(self.args, "interventions", None)
         layers_path = getattr(self.args, "intervention_layers_path", None)
-        self.intervention_set = InterventionSet(
-            self.model, specs or [], layers_path=layers_path, seed=self.args.seed
-        )
-        self.intervention_reference_model = reference_model
-        if reference_model is None and self.intervention_set.needs_reference:
-            self.intervention_reference_model = frozen_reference(self.model)
+        self.intervention_set = InterventionSet(self.model, specs or [], layers_path=layers_path)
+        self.intervention_reference: ReferenceSource | None = None
+        if self.intervention_set.needs_reference:
+            self.intervention_reference = ReferenceSource.for_model(
+                self.model, reference_model, seed=self.args.seed, layers_path=layers_path
+            )
+            self.add_callback(ReferenceStateCallback(self.intervention_reference))
         refs = [i.wandb_artifact for i in self.intervention_set.interventions if i.wandb_artifact]
         if refs:
             self.add_callback(DirectionLineageCallback(refs))
@@ -69,9 +67,19 @@ class InterventionTrainerMixin:
     def interventions(self) -> list[Intervention]:
         return self.intervention_set.interventions
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint and self.intervention_reference is not None:
+            folder = resume_from_checkpoint
+            if folder is True:
+                folder = get_last_checkpoint(self.args.output_dir)
+            if folder and not self.intervention_reference.load(folder):
+                warnings.warn(
+                    f"{folder} holds no {ReferenceSource.STATE_FILE} (saved by an older keel?): resample_ablate "
+                    "continues with fresh row shifts, so the resumed run will not equal an uninterrupted one.",
+                    stacklevel=2,
+                )
         with self.intervention_set:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
         with self.intervention_set:
@@ -86,19 +94,8 @@ class InterventionTrainerMixin:
 
     def _set_reference(self, inputs, phase: str) -> None:
         """For reference_ablate / resample_ablate: the reference's pass over this batch, before the policy's."""
-        iset = self.intervention_set
-        if not iset.needs_reference_in(phase):
-            return
-        ref = self.intervention_reference_model
-        # training_step receives the batch before Trainer moves it to the device
-        device = next((ref if ref is not None else self.model).parameters()).device
-        keys = ("input_ids", "attention_mask", "position_ids")
-        batch = {k: inputs[k].to(device) for k in keys if inputs.get(k) is not None}
-        if ref is None:  # a PEFT model: the reference is the same model with its adapters off
-            with self.accelerator.unwrap_model(self.model).disable_adapter():
-                iset.set_reference(self.model, **batch)
-        else:
-            iset.set_reference(ref, **batch)
+        if self.intervention_reference is not None:
+            self.intervention_reference.capture(self.intervention_set, phase, **inputs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # The backward (and gradient checkpointing's recompute) runs inside this call, so the hooks'

@@ -269,8 +269,9 @@ def test_reference_ablation_holds_the_subspace_at_the_frozen_starting_model(
         interventions=[{"operator": "reference_ablate", "direction": direction, "layers": [1]}],
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if peft else None,
     )
-    ref = trainer.intervention_reference_model
-    assert (ref is None) if peft else (ref is not None and ref is not trainer.model)
+    source = trainer.intervention_reference
+    assert source.adapter_off == peft and (source.model is trainer.model) == peft
+    ref = source.model
     batches, after = [], []
     trainer.model.register_forward_pre_hook(
         lambda m, args, kwargs: batches.append((kwargs["input_ids"], kwargs.get("attention_mask"))),

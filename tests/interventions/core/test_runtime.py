@@ -8,6 +8,7 @@ from interventions import (
     DirectionError,
     Intervention,
     InterventionSet,
+    ReferenceSource,
     SpecError,
     projection,
     save_directions,
@@ -163,14 +164,14 @@ def test_reference_ablation_against_a_copy_is_the_identity_and_pins_another_mode
     ids = _ids()
     d = Direction(torch.randn(2, D))
     iset = InterventionSet(model, [Intervention("reference_ablate", d, site=site, layers=[0, 1])])
-    with pytest.raises(RuntimeError, match="set_reference"):
+    with pytest.raises(RuntimeError, match="ReferenceSource"):
         _logits(model, ids, iset)
-    iset.set_reference(make_model(), input_ids=ids)  # same seed: the same weights
+    ReferenceSource(make_model()).capture(iset, input_ids=ids)  # same seed: the same weights
     torch.testing.assert_close(_logits(model, ids, iset), _logits(model, ids), atol=1e-5, rtol=0)
     # against another model the subspace carries that model's values; the set's model is the reference
     # too when asked (its own hooks are off during the reference pass)
     other = make_model(seed=1).eval()
-    iset.set_reference(other, input_ids=ids)
+    ReferenceSource(other).capture(iset, input_ids=ids)
     if site == "resid_post":
         store = {"layer": 1}
         _logits(model, ids, iset, capture=store)
@@ -178,10 +179,10 @@ def test_reference_ablation_against_a_copy_is_the_identity_and_pins_another_mode
         torch.testing.assert_close(
             projection(store["h"], U), projection(_plain_resid_post(other, ids, 1), U), atol=1e-5, rtol=0
         )
-    with iset, iset.phase("train"):  # attached and on: set_reference must switch its hooks off
-        iset.set_reference(model, input_ids=ids)
+    with iset, iset.phase("train"):  # attached and on: the reference pass must switch its hooks off
+        ReferenceSource(model).capture(iset, input_ids=ids)
     torch.testing.assert_close(_logits(model, ids, iset), _logits(model, ids), atol=1e-5, rtol=0)
-    iset.set_reference(model, input_ids=_ids(shape=(3, 5)))
+    ReferenceSource(model).capture(iset, input_ids=_ids(shape=(3, 5)))
     with pytest.raises(RuntimeError, match="different batch"):
         _logits(model, ids, iset)
     with pytest.raises(SpecError, match="'train' and 'eval' phases only"):
@@ -194,8 +195,10 @@ def test_resample_ablation_takes_another_rows_reference_values(make_model):
     model = make_model().eval()
     ids = _ids(shape=(4, 7))
     d = Direction(torch.randn(2, D))
-    iset = InterventionSet(model, [Intervention("resample_ablate", d, layers=[1])], seed=3)
-    iset.set_reference(make_model(), input_ids=ids)  # same weights: the reference is the model itself
+    iset = InterventionSet(model, [Intervention("resample_ablate", d, layers=[1])])
+    ReferenceSource(make_model(), seed=3).capture(
+        iset, input_ids=ids
+    )  # same weights: the reference is the model itself
     store = {"layer": 1}
     _logits(model, ids, iset, capture=store)
     plain = _plain_resid_post(model, ids, 1)
@@ -208,7 +211,7 @@ def test_resample_ablation_takes_another_rows_reference_values(make_model):
     perp = torch.eye(D) - U.T @ U
     torch.testing.assert_close(store["h"] @ perp, plain @ perp, atol=1e-5, rtol=0)
     with pytest.raises(RuntimeError, match="at least 2 rows"):
-        iset.set_reference(make_model(), input_ids=ids[:1])
+        ReferenceSource(make_model()).capture(iset, input_ids=ids[:1])
 
 
 @pytest.mark.parametrize("site", ["resid_pre", "attn_out", "mlp_out"])
