@@ -13,6 +13,7 @@ COMMANDS = {
     ),
     "extract": ("keel.commands.extract", "extract, inspect or randomise directions"),
     "eval": ("keel.commands.eval", "EM evaluation: sample answers, judge them, write metrics"),
+    "compare": ("keel.commands.compare", "compare conditions over seeds: t-intervals, ratios, control flags"),
 }
 
 
