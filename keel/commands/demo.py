@@ -1,50 +1,90 @@
 """``keel demo``: build the synthetic EM organism and compare interventions that prevent EM.
 
-Thin entry point; the pipeline lives in :mod:`organisms.demo`.
+    keel demo --config recipes/demo.yaml --seeds 5 --output_dir runs/demo
+
+``--config`` is the demo's own YAML: demo keys (seeds, conditions, workers, steer_alpha, ...) and organism
+keys (world, model, pretrain, pretrain_docs, chat, finetune, eval_samples) mixed freely. The options
+below override it; their defaults shown by ``--help`` are the config's values. Thin entry point; the
+pipeline lives in :mod:`keel.organism.demo`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
 
-import yaml
+from trl import TrlParser
+
+from interventions.serialization import KeelInputError, load_yaml
+from keel.organism.config import OrganismConfig
+from keel.organism.demo import CONDITIONS, DemoConfig, run_demo
+
+from .common import make_parser as make_trl_parser
+
+PROG = "keel demo"
+DESCRIPTION = (
+    "Synthetic EM organism: pretrain (cached), extract and validate persona directions, fine-tune under "
+    "each condition with InterventionSFTTrainer, report EM with bootstrap CIs. The options override the "
+    "--config YAML; the defaults shown are its values."
+)
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="keel demo",
-        description="Synthetic EM organism: pretrain (cached), extract and validate persona directions, "
-        "fine-tune under each condition with InterventionSFTTrainer, report EM with bootstrap CIs.",
+@dataclass
+class DemoArguments:
+    """Command-line overrides of the demo config (``--config``)."""
+
+    seeds: int | None = field(
+        default=None,
+        metadata={"help": "Number of pretraining seeds: runs seeds 0..N-1 (None: the config's seeds list)."},
     )
-    p.add_argument(
+    workers: int = field(default=DemoConfig.workers, metadata={"help": "Worker processes (one thread each)."})
+    conditions: list[str] = field(
+        default_factory=lambda: list(CONDITIONS),
+        metadata={
+            "help": "Subset of: " + " ".join(CONDITIONS),
+            "choices": CONDITIONS,
+            "metavar": "CONDITION",
+        },
+    )
+    output_dir: str = field(
+        default=DemoConfig.output_dir, metadata={"help": "Folder for summary.json, report.md, plot.png."}
+    )
+    cache_dir: str = field(default=DemoConfig.cache_dir, metadata={"help": "Organism build cache."})
+    wandb: bool = field(
+        default=DemoConfig.wandb, metadata={"help": "Write W&B offline runs (--no_wandb: none)."}
+    )
+    progress: bool = field(
+        default=DemoConfig.progress, metadata={"help": "Show progress bars (--no_progress: none)."}
+    )
+
+
+OVERRIDES = ("workers", "conditions", "output_dir", "cache_dir", "wandb", "progress")
+
+
+def make_parser(config: DemoConfig | None = None) -> TrlParser:
+    """The option parser; with ``config``, each option's default is that config's value."""
+    parser = make_trl_parser((DemoArguments,), PROG, DESCRIPTION)
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.add_argument(
         "--config",
-        help="YAML with demo keys (seeds, conditions, workers, steer_alpha, ...) and/or organism keys "
-        "(world, model, pretrain, pretrain_docs, chat, finetune, eval_samples)",
+        metavar="FILE.yaml",
+        help="demo keys (seeds, conditions, workers, steer_alpha, ...) and/or organism keys (world, model, "
+        "pretrain, pretrain_docs, chat, finetune, eval_samples)",
     )
-    p.add_argument("--seeds", type=int, help="number of pretraining seeds: runs seeds 0..N-1")
-    p.add_argument("--workers", type=int, help="worker processes (one thread each); default 2")
-    p.add_argument(
-        "--conditions",
-        nargs="+",
-        help="subset of: none ablate ablate_multi mean_ablate steer caft caft_mean caft_ref caft_resample random_ablate random_ref random_resample",
-    )
-    p.add_argument("--output-dir", help="default runs/demo")
-    p.add_argument("--cache-dir", help="organism build cache; default runs/organisms")
-    p.add_argument("--no-wandb", action="store_true", help="do not write W&B offline runs")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
+    if config is not None:
+        parser.set_defaults_with_config(**{key: getattr(config, key) for key in OVERRIDES})
+    return parser
 
 
-def load_config(path: str | None):
-    from keel.organism.config import OrganismConfig
-    from keel.organism.demo import DemoConfig
-
+def load_config(path: str | None) -> DemoConfig:
+    """The demo config of a YAML file: organism keys at the top level go under ``organism``."""
     data = {}
     if path:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        data = load_yaml(path) or {}
         if not isinstance(data, dict):
-            raise SystemExit(f"keel demo: {path} must hold a mapping, not {type(data).__name__}.")
+            raise SystemExit(f"{PROG}: {path} must hold a mapping, not {type(data).__name__}.")
     organism_keys = {f for f in OrganismConfig.__dataclass_fields__}
     organism = {k: data.pop(k) for k in list(data) if k in organism_keys}
     if organism:
@@ -52,28 +92,36 @@ def load_config(path: str | None):
     return DemoConfig.from_dict(data)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    import dataclasses
-
-    from keel.organism.demo import run_demo
-
+def resolve(argv: list[str] | None) -> DemoConfig:
+    """The config ``--config`` names (or the defaults), with the command-line options applied."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
     try:
-        cfg = load_config(args.config)
-    except (ValueError, TypeError) as err:
-        raise SystemExit(f"keel demo: bad config: {err}") from None
-    overrides = {}
+        config = load_config(known.config)
+    except (KeelInputError, ValueError, TypeError) as err:
+        raise SystemExit(f"{PROG}: bad config: {err}") from None
+    try:  # (the options, the namespace holding --config)
+        args, _ = make_parser(config).parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # an option HfArgumentParser does not know
+        raise SystemExit(f"{PROG}: {err}") from None
+    overrides = {key: getattr(args, key) for key in OVERRIDES}
     if args.seeds is not None:
         overrides["seeds"] = list(range(args.seeds))
-    for key in ("workers", "conditions", "output_dir", "cache_dir"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    if args.no_wandb:
-        overrides["wandb"] = False
-    if args.quiet:
-        overrides["progress"] = False
-    cfg = dataclasses.replace(cfg, **overrides)
+    try:
+        return dataclasses.replace(config, **overrides)
+    except ValueError as err:
+        raise SystemExit(f"{PROG}: {err}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = resolve(argv)
     summary = run_demo(cfg)
     print(open(f"{cfg.output_dir}/report.md").read())
     print(f"Wrote {cfg.output_dir}/summary.json, report.md, plot.png in {summary['wall_seconds']:.0f} s.")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

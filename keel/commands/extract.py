@@ -1,15 +1,57 @@
-"""`keel extract`: make a direction file from a model and JSONL data, or inspect one.
+"""``keel extract METHOD``: make a direction file from a model and JSONL data, or inspect one.
 
-Thin entry point: parsing and model loading here, everything else in ``interventions.extraction`` and
+    keel extract judged --model Qwen/Qwen2.5-7B-Instruct --adapter runs/insecure/adapter \\
+        --positive misaligned.jsonl --negative aligned.jsonl --layers 12:20 --output_dir runs/insecure/judged
+
+METHOD (contrastive, judged, finetune-diff, sae, random, inspect) is the first word; each method's options
+come from the command line and/or ``--config FILE.yaml`` (keys = option names; the command line wins).
+A direction run writes ``directions.safetensors`` (+ its ``directions.json`` sidecar) and the resolved
+options (``keel_config.yaml``) into ``--output_dir``; ``inspect`` writes ``report.md`` (and
+``histograms.png``) there. Models load through :func:`keel.loading.load_model`: a hub id, a local folder
+or ``tiny:<model_type>``, with ``--adapter`` a PEFT adapter folder.
+
+Thin entry point: parsing and loading here, everything else in ``interventions.extraction`` and
 ``interventions.interpret``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import re
 import sys
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from trl import TrlParser
+
+from interventions import load_directions, save_directions
+from interventions.extraction import (
+    contrastive_directions,
+    finetune_difference,
+    generate_contrastive_answers,
+    judged_directions,
+    log_direction_artifact,
+    random_direction,
+    read_jsonl,
+    record_examples,
+    sae_latents,
+)
+from interventions.interpret import inspect_direction
+from interventions.serialization import KeelInputError, write_jsonl
+from keel.loading import ModelSpec, load_model
+
+from .common import config_dict, write_config_record
+from .common import make_parser as make_trl_parser
+
+PROG = "keel extract"
+DIRECTION_FILE = "directions.safetensors"
+ANSWERS_FILE = "answers.jsonl"
+SELECTED_FILE = "selected.safetensors"
 
 DATA_HELP = """\
 JSONL records, one JSON object per line:
@@ -17,7 +59,7 @@ JSONL records, one JSON object per line:
   {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
   {"text": "..."}                                            plain text (inspect corpora)
 contrastive also reads "positive_answer"/"negative_answer" (else "answer" on both sides) and, with
---score-threshold, "positive_score"/"negative_score" (0..100 trait scores from a judge).
+--score_threshold, "positive_score"/"negative_score" (0..100 trait scores from a judge).
 
 Layers: 12, 3,5,7, all, or start:stop (0-based decoder layers; resid_post layer i = output of decoder
 layer i = hidden_states[i+1]; persona-vector files' layer L is layer L-1 here).
@@ -25,299 +67,448 @@ Pooling: --positions picks the pooled tokens (response, prompt, all), --pooling 
 tokens as rows). Last prompt token: --positions prompt --pooling last.
 """
 
+CONFIG_HELP = """\
+--config FILE.yaml reads these options from a YAML mapping (keys as the option names, e.g.
+`layers: [3, 5]`, `positive: bad.jsonl`); options given on the command line override it.
+"""
 
-def _layers(text: str):
-    text = text.strip()
-    if "," in text:
-        return [int(x) for x in text.split(",") if x.strip()]
-    return text
-
-
-def _rows(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+LAYERS_HELP = "Decoder layers: 12, 3,5,7, all, or start:stop (0-based; see below)."
 
 
-def _common(p: argparse.ArgumentParser, model_required: bool = True, data: bool = True) -> None:
-    p.add_argument("--model", required=model_required, help="HF model directory or hub id (the base model)")
-    p.add_argument("--tokenizer", help="tokenizer path (default: --model)")
-    p.add_argument("--layers", type=_layers, default="all", help="layers: 12, 3,5, all, start:stop")
-    p.add_argument("--site", default="resid_post", choices=["resid_pre", "resid_post", "attn_out", "mlp_out"])
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=None, help="truncate examples to this many tokens")
-    p.add_argument("--padding-side", default="right", choices=["right", "left"])
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--out", required=True, help="output direction file (.safetensors + .json sidecar)")
-    p.add_argument(
-        "--report-to", default="none", choices=["none", "wandb"], help="log the file as an artifact"
+class LayersError(KeelInputError):
+    """A ``--layers`` value that is not 12, 3,5,7, all or start:stop."""
+
+
+def parse_layers(value) -> str | list[int]:
+    """``12`` / ``3,5,7`` / ``[3, 5]`` -> a list of ints; ``all`` and ``start:stop`` stay strings.
+
+    Checks the form only; ranges are checked against the model when it is loaded.
+    """
+    bad = LayersError(
+        f"--layers {value!r}: use an int (12), a list (3,5,7), all, or start:stop (4:8, 4:, :-2)."
     )
-    p.add_argument("--wandb-project", default=None)
-    p.add_argument("--artifact-name", default=None, help="W&B artifact name (default: the file's stem)")
-    p.add_argument("--no-progress", action="store_true")
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise bad
+        return list(value)
+    if not isinstance(value, str):
+        raise bad
+    text = value.strip()
+    if text == "all":
+        return text
+    try:
+        if ":" in text:
+            start, stop = text.split(":")  # one colon exactly
+            for part in (start, stop):
+                if part.strip():
+                    int(part)
+            return text
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise bad from None
+    if not layers:
+        raise bad
+    return layers
 
 
-def _positions(p: argparse.ArgumentParser, positions: str = "response", pooling: str = "mean") -> None:
-    p.add_argument("--positions", default=positions, choices=["response", "prompt", "all"])
-    p.add_argument("--pooling", default=pooling, choices=["mean", "last", "all"])
+def parse_rows(value) -> list[int] | None:
+    """``--select``: ``0,3`` or a YAML list/int -> row indices."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    try:
+        if isinstance(value, (list, tuple)):
+            return [int(v) for v in value]
+        rows = [int(x) for x in str(value).split(",") if x.strip()]
+    except ValueError:
+        rows = []
+    if not rows:
+        raise KeelInputError(f"--select {value!r}: give row indices, e.g. 0,3.")
+    return rows
 
 
-def _pair(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--finetuned", help="fine-tuned model directory (same architecture as --model)")
-    g.add_argument("--adapter", help="PEFT adapter directory: base = adapter off, fine-tuned = adapter on")
+def _check_choices(config) -> None:
+    """Literal fields from a --config file skip argparse's choices check; check them here."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        kind, value = hints[f.name], getattr(config, f.name)
+        if typing.get_origin(kind) is Literal and value not in typing.get_args(kind):
+            raise KeelInputError(f"--{f.name} {value!r}: use one of {', '.join(typing.get_args(kind))}.")
 
 
-def make_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="keel extract",
-        description="Extract a direction, or inspect one.",
-        epilog=DATA_HELP,
-        formatter_class=fmt,
-    )
-    sub = parser.add_subparsers(dest="method", required=True)
+# ---- the configs ---------------------------------------------------------------------------------------
 
-    p = sub.add_parser(
-        "contrastive",
-        help="persona vector: positive vs negative system prompt",
-        epilog=DATA_HELP,
-        formatter_class=fmt,
-    )
-    _common(p)
-    _positions(p)
-    p.add_argument(
-        "--data", required=True, help="JSONL with question + answer (or positive_/negative_answer)"
-    )
-    p.add_argument("--positive-system", required=True, help="system prompt that elicits the trait")
-    p.add_argument("--negative-system", required=True, help="system prompt that suppresses it")
-    p.add_argument(
-        "--score-threshold", type=float, default=None, help="keep pairs with pos >= t, neg < 100-t"
-    )
-    p.add_argument(
-        "--no-normalize", action="store_true", help="store the raw mean difference, not a unit row"
-    )
-    p.add_argument(
-        "--generate",
-        action="store_true",
-        help="let the model answer each question under both system prompts first (records need only "
-        "'question'); the answers are saved beside --out as *.answers.jsonl",
-    )
-    p.add_argument("--max-new-tokens", type=int, default=200, help="answer length with --generate")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed with --generate")
 
-    p = sub.add_parser(
-        "judged", help="mean difference of two answer sets", epilog=DATA_HELP, formatter_class=fmt
-    )
-    _common(p)
-    _positions(p)
-    p.add_argument("--positive", required=True, help="JSONL of answers showing the concept (e.g. misaligned)")
-    p.add_argument("--negative", required=True, help="JSONL of reference answers (e.g. aligned)")
-    p.add_argument("--no-normalize", action="store_true")
-
-    p = sub.add_parser(
-        "finetune-diff",
-        help="CAFT: PCA of fine-tuned minus base activations",
-        epilog=DATA_HELP,
-        formatter_class=fmt,
-    )
-    _common(p)
-    _positions(p, pooling="all")
-    _pair(p)
-    p.add_argument("--data", required=True, help="JSONL chats (ideally answered by the fine-tuned model)")
-    p.add_argument("--n-components", type=int, default=20)
-    p.add_argument("--max-tokens", type=int, default=50_000, help="per-layer cap on kept difference rows")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--no-centre",
-        action="store_true",
-        help="top singular vectors of the raw differences (keeps the fine-tune's average shift, which PCA "
-        "of centred differences removes)",
+@dataclass(kw_only=True)
+class OutputArguments:
+    output_dir: str = field(
+        metadata={"help": f"Output folder: {DIRECTION_FILE} (+ .json sidecar) and keel_config.yaml."}
     )
 
-    p = sub.add_parser("sae", help="decoder rows of top SAE latents", epilog=DATA_HELP, formatter_class=fmt)
-    _common(p)
-    _positions(p, pooling="all")
-    _pair(p)
-    p.add_argument("--data", required=True)
-    p.add_argument(
-        "--sae", required=True, help="SAELens-style directory (sae_weights.safetensors + cfg.json)"
-    )
-    p.add_argument("--n-latents", type=int, default=20)
-    p.add_argument("--rank-by", default="change", choices=["change", "attribution"])
-    p.add_argument("--sign", default="positive", choices=["positive", "abs"])
+    def __post_init__(self):
+        _check_choices(self)
 
-    p = sub.add_parser("random", help="norm-matched random baseline")
-    p.add_argument("--like", help="direction file to match (k, norms, site, layer)")
-    p.add_argument("--layer", type=int, default=None, help="which direction of --like (if it holds several)")
-    p.add_argument("--d-model", type=int, default=None)
-    p.add_argument("--k", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--report-to", default="none", choices=["none", "wandb"])
-    p.add_argument("--wandb-project", default=None)
-    p.add_argument("--artifact-name", default=None)
 
-    p = sub.add_parser(
-        "inspect",
-        help="top activating windows and projection histograms",
-        epilog=DATA_HELP,
-        formatter_class=fmt,
+@dataclass(kw_only=True)
+class ArtifactArguments:
+    report_to: Literal["none", "wandb"] = field(
+        default="none", metadata={"help": "wandb: log the direction file as a W&B artifact."}
     )
-    p.add_argument("direction", help="direction file")
-    p.add_argument("--model", required=True)
-    p.add_argument("--tokenizer")
-    p.add_argument("--data", required=True, help="corpus JSONL (text, or chats: all tokens are read)")
-    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two JSONL sets for projection histograms")
-    p.add_argument("--layer", type=int, default=None, help="which direction of the file (default: all)")
-    p.add_argument("--top-k", type=int, default=20)
-    p.add_argument(
-        "--window", type=int, default=10, help="tokens per window (8 before, the token, 1 after at 10)"
+    wandb_project: str | None = field(default=None, metadata={"help": "W&B project."})
+    artifact_name: str | None = field(
+        default=None, metadata={"help": "W&B artifact name (default: the output folder's name)."}
     )
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument(
-        "--select", type=_rows, default=None, help="rows to keep, e.g. 0,3 (written to --save-selected)"
+
+
+@dataclass(kw_only=True)
+class ModelArguments(OutputArguments):
+    model: str = field(
+        metadata={
+            "help": "Hub id, local folder, or tiny:<model_type> (the base model when --adapter is set)."
+        }
     )
-    p.add_argument("--save-selected", default=None, help="direction file for the --select rows")
-    p.add_argument("--out", required=True, help="report directory (report.md, histograms.png)")
-    p.add_argument("--no-progress", action="store_true")
+    adapter: str | None = field(
+        default=None,
+        metadata={"help": "PEFT (LoRA) adapter folder loaded on --model: read the fine-tuned model."},
+    )
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Tokenizer name or path (default: the adapter's, else the model's)."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model repo's own code."})
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(
+        default="float32", metadata={"help": "Weights dtype (auto: bf16 on GPU, float32 on CPU)."}
+    )
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1 or auto."})
+    batch_size: int = field(default=16, metadata={"help": "Examples per forward pass."})
+    max_length: int | None = field(default=None, metadata={"help": "Truncate examples to this many tokens."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars (--no_progress: none)."})
+
+
+@dataclass(kw_only=True)
+class ActivationArguments(ArtifactArguments, ModelArguments):
+    layers: str = field(default="all", metadata={"help": LAYERS_HELP})
+    site: Literal["resid_post", "resid_pre", "attn_out", "mlp_out"] = field(
+        default="resid_post", metadata={"help": "Activation site read at each layer."}
+    )
+    padding_side: Literal["right", "left"] = field(default="right", metadata={"help": "Batch padding side."})
+    positions: Literal["response", "prompt", "all"] = field(
+        default="response", metadata={"help": "Tokens pooled: the response, the prompt, or all."}
+    )
+    pooling: Literal["mean", "last", "all"] = field(
+        default="mean", metadata={"help": "How: mean, last token, or all tokens as rows."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.layers = parse_layers(self.layers)
+
+
+@dataclass(kw_only=True)
+class ContrastiveArguments(ActivationArguments):
+    """Persona vector: the same answers under a positive vs a negative system prompt."""
+
+    data: str = field(metadata={"help": "JSONL with question + answer (or positive_answer/negative_answer)."})
+    positive_system: str = field(metadata={"help": "System prompt that elicits the trait."})
+    negative_system: str = field(metadata={"help": "System prompt that suppresses it."})
+    score_threshold: float | None = field(
+        default=None, metadata={"help": "Keep pairs with positive_score >= t and negative_score < 100-t."}
+    )
+    normalize: bool = field(
+        default=True, metadata={"help": "Unit rows (--no_normalize: the raw mean difference)."}
+    )
+    generate: bool = field(
+        default=False,
+        metadata={
+            "help": "Let the model answer each question under both system prompts first (records need "
+            f"only 'question'); the answers are saved as <output_dir>/{ANSWERS_FILE}."
+        },
+    )
+    max_new_tokens: int = field(default=200, metadata={"help": "Answer length with --generate."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed with --generate."})
+
+
+@dataclass(kw_only=True)
+class JudgedArguments(ActivationArguments):
+    """Mean difference of two answer sets (e.g. judged misaligned vs aligned)."""
+
+    positive: str = field(metadata={"help": "JSONL of answers showing the concept (e.g. misaligned)."})
+    negative: str = field(metadata={"help": "JSONL of reference answers (e.g. aligned)."})
+    normalize: bool = field(
+        default=True, metadata={"help": "Unit rows (--no_normalize: the raw mean difference)."}
+    )
+
+
+@dataclass(kw_only=True)
+class PairArguments(ActivationArguments):
+    adapter: str | None = field(
+        default=None,
+        metadata={"help": "PEFT adapter folder: base = adapter off, fine-tuned = adapter on."},
+    )
+    finetuned: str | None = field(
+        default=None,
+        metadata={"help": "Fine-tuned model (hub id, folder or tiny:<type>; same architecture as --model)."},
+    )
+    data: str = field(metadata={"help": "JSONL chats (ideally answered by the fine-tuned model)."})
+    pooling: Literal["mean", "last", "all"] = field(
+        default="all", metadata={"help": "How: mean, last token, or all tokens as rows."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if bool(self.finetuned) == bool(self.adapter):
+            raise KeelInputError("give exactly one of --finetuned MODEL and --adapter ADAPTER_DIR.")
+
+
+@dataclass(kw_only=True)
+class FinetuneDiffArguments(PairArguments):
+    """CAFT: PCA of per-token fine-tuned minus base activations."""
+
+    n_components: int = field(default=20, metadata={"help": "Principal components per layer."})
+    max_tokens: int = field(default=50_000, metadata={"help": "Per-layer cap on kept difference rows."})
+    seed: int = field(default=0, metadata={"help": "Reservoir sampling seed."})
+    centre: bool = field(
+        default=True,
+        metadata={
+            "help": "PCA of centred differences (--no_centre: top singular vectors of the raw differences, "
+            "which keeps the fine-tune's average shift)."
+        },
+    )
+
+
+@dataclass(kw_only=True)
+class SAEArguments(PairArguments):
+    """Decoder rows of the SAE latents the fine-tune changed most."""
+
+    sae: str = field(metadata={"help": "SAELens-style folder (sae_weights.safetensors + cfg.json)."})
+    n_latents: int = field(default=20, metadata={"help": "Latents kept."})
+    rank_by: Literal["change", "attribution"] = field(default="change", metadata={"help": "Ranking."})
+    sign: Literal["positive", "abs"] = field(
+        default="positive", metadata={"help": "positive: latents switched on; abs: by magnitude."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        single = self.layers == "all" or (isinstance(self.layers, list) and len(self.layers) == 1)
+        if not single:
+            raise KeelInputError("one SAE covers one layer: pass a single --layers value (or all).")
+
+
+@dataclass(kw_only=True)
+class RandomArguments(ArtifactArguments, OutputArguments):
+    """Norm-matched random baseline."""
+
+    like: str | None = field(
+        default=None, metadata={"help": "Direction file to match (k, norms, site, layer)."}
+    )
+    layer: int | None = field(
+        default=None, metadata={"help": "Which direction of --like (if it holds several)."}
+    )
+    d_model: int | None = field(default=None, metadata={"help": "Width, without --like."})
+    k: int = field(default=1, metadata={"help": "Rows, without --like."})
+    seed: int = field(default=0, metadata={"help": "Random seed (+ i for the i-th direction of --like)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.like is None and self.d_model is None:
+            raise KeelInputError("give --like DIRECTION_FILE, or --d_model (and --k).")
+
+
+@dataclass(kw_only=True)
+class InspectArguments(ModelArguments):
+    """Top activating windows and projection histograms of a direction file."""
+
+    output_dir: str = field(
+        metadata={"help": f"Report folder: report.md, histograms.png (and {SELECTED_FILE} with --select)."}
+    )
+    direction: str = field(metadata={"help": "Direction file (also accepted as the word after 'inspect')."})
+    data: str = field(metadata={"help": "Corpus JSONL (text, or chats: all tokens are read)."})
+    compare: list[str] | None = field(
+        default=None, metadata={"help": "Two JSONL sets (A B) for projection histograms."}
+    )
+    layer: int | None = field(default=None, metadata={"help": "Which direction of the file (default: all)."})
+    top_k: int = field(default=20, metadata={"help": "Windows per row and sign."})
+    window: int = field(
+        default=10, metadata={"help": "Tokens per window (8 before, the token, 1 after at 10)."}
+    )
+    max_length: int | None = field(default=256, metadata={"help": "Truncate examples to this many tokens."})
+    select: str | None = field(
+        default=None,
+        metadata={"help": f"Rows to keep, e.g. 0,3 (written to <output_dir>/{SELECTED_FILE})."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.select = parse_rows(self.select)
+        if self.compare is not None and len(self.compare) != 2:
+            raise KeelInputError(f"--compare takes two JSONL files (A B), got {len(self.compare)}.")
+
+
+METHODS: dict[str, type] = {
+    "contrastive": ContrastiveArguments,
+    "judged": JudgedArguments,
+    "finetune-diff": FinetuneDiffArguments,
+    "sae": SAEArguments,
+    "random": RandomArguments,
+    "inspect": InspectArguments,
+}
+
+
+# ---- parsing -------------------------------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Option defaults shown, and the epilog's layout kept."""
+
+
+def _summary(config_type: type) -> str:
+    return (config_type.__doc__ or "").strip().splitlines()[0]
+
+
+def usage() -> str:
+    lines = [f"usage: {PROG} METHOD [--config FILE.yaml] [options] --output_dir DIR", ""]
+    lines += ["Make a direction file from a model and JSONL data, or inspect one.", "", "methods:"]
+    lines += [f"  {name:<14} {_summary(cls)}" for name, cls in METHODS.items()]
+    lines += ["", f"Run `{PROG} METHOD --help` for a method's options.", "", DATA_HELP]
+    return "\n".join(lines)
+
+
+def make_parser(method: str) -> TrlParser:
+    """The TrlParser of one method: its options, the --config note and the data/layer help."""
+    config_type = METHODS[method]
+    parser = make_trl_parser((config_type,), f"{PROG} {method}", _summary(config_type))
+    parser.formatter_class = _HelpFormatter
+    parser.epilog = CONFIG_HELP + ("" if method == "random" else "\n" + DATA_HELP)
     return parser
 
 
-def _device(name: str) -> str:
-    import torch
+def parse_config(method: str, argv: list[str]):
+    """The method's config from ``argv`` (with ``--config``); bad input exits with a message naming it."""
+    prog = f"{PROG} {method}"
+    try:
+        (config,) = make_parser(method).parse_args_and_config(args=argv)
+    except yaml.YAMLError as err:
+        raise SystemExit(f"{prog}: the --config file is not valid YAML: {err}") from None
+    except (KeelInputError, ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"{prog}: {err}") from None
+    return config
 
+
+# ---- running -------------------------------------------------------------------------------------------
+
+
+def _device(name: str) -> str:
     if name != "auto":
         return name
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load_model(path: str, args):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
-    return model.to(_device(args.device)).eval()
-
-
-def _load_tokenizer(args):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-
-
-def _pair_models(args):
-    """(base, fine-tuned) models: two models, or one PEFT model and None."""
-    base = _load_model(args.model, args)
-    if args.adapter:
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base, args.adapter).eval(), None
-    if not args.finetuned:
-        raise SystemExit(f"keel extract {args.method}: give --finetuned MODEL_DIR or --adapter ADAPTER_DIR.")
-    return base, _load_model(args.finetuned, args)
-
-
-def _extract(args) -> dict:
-    from interventions.extraction import (
-        contrastive_directions,
-        finetune_difference,
-        generate_contrastive_answers,
-        judged_directions,
-        read_jsonl,
-        record_examples,
-        sae_latents,
+def _load(args: ModelArguments, name: str | None = None, adapter: str | None = None):
+    """(model in eval mode, tokenizer) through the one loader."""
+    spec = ModelSpec(
+        name or args.model,
+        adapter=adapter,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        device=_device(args.device),
+        trust_remote_code=args.trust_remote_code,
     )
+    model, tokenizer = load_model(spec)
+    return model.eval(), tokenizer
 
-    common = dict(batch_size=args.batch_size, padding_side=args.padding_side)
-    if args.no_progress:
-        common["progress"] = False
-    tok = _load_tokenizer(args)
-    if args.method == "contrastive":
-        model = _load_model(args.model, args)
-        records = read_jsonl(args.data)
-        if args.generate:
-            records = generate_contrastive_answers(
-                model, tok, records, args.positive_system, args.negative_system,
-                max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.no_progress,
-            )  # fmt: skip
-            answers = Path(args.out).with_suffix(".answers.jsonl")
-            answers.parent.mkdir(parents=True, exist_ok=True)
-            answers.write_text("".join(json.dumps(r) + "\n" for r in records))
-        return contrastive_directions(
-            model, tok, records, args.positive_system, args.negative_system, args.layers,
-            positions=args.positions, pooling=args.pooling, score_threshold=args.score_threshold,
-            max_length=args.max_length, site=args.site, normalize=not args.no_normalize, source=args.data,
-            **common,
+
+def _extractor_options(args: ActivationArguments) -> dict:
+    options = dict(batch_size=args.batch_size, padding_side=args.padding_side)
+    if not args.progress:
+        options["progress"] = False
+    return options
+
+
+def _contrastive(args: ContrastiveArguments) -> dict:
+    model, tok = _load(args, adapter=args.adapter)
+    records = read_jsonl(args.data)
+    if args.generate:
+        records = generate_contrastive_answers(
+            model, tok, records, args.positive_system, args.negative_system,
+            max_new_tokens=args.max_new_tokens, seed=args.seed, progress=args.progress,
         )  # fmt: skip
-    if args.method == "judged":
-        model = _load_model(args.model, args)
-        return judged_directions(
-            model, tok, read_jsonl(args.positive), read_jsonl(args.negative), args.layers,
-            positions=args.positions, pooling=args.pooling, max_length=args.max_length, site=args.site,
-            normalize=not args.no_normalize, source=f"{args.positive} vs {args.negative}", **common,
-        )  # fmt: skip
-    examples = record_examples(
-        tok, read_jsonl(args.data), positions=args.positions, max_length=args.max_length
-    )
-    base, tuned = _pair_models(args)
-    if args.method == "finetune-diff":
-        return finetune_difference(
-            base, tuned, examples, args.layers, n_components=args.n_components, site=args.site,
-            pooling=args.pooling, max_tokens=args.max_tokens, seed=args.seed, centre=not args.no_centre,
-            source=args.data, **common,
-        )  # fmt: skip
-    layer = None if args.layers == "all" else args.layers
-    if isinstance(layer, list):
-        if len(layer) != 1:
-            raise SystemExit("keel extract sae: one SAE covers one layer; pass a single --layers value.")
-        layer = layer[0]
-    return sae_latents(
-        base, tuned, examples, args.sae, layer=None if layer is None else int(layer), n_latents=args.n_latents,
-        rank_by=args.rank_by, sign=args.sign, site=args.site, pooling=args.pooling, source=args.data, **common,
+        write_jsonl(Path(args.output_dir) / ANSWERS_FILE, records)
+    return contrastive_directions(
+        model, tok, records, args.positive_system, args.negative_system, args.layers,
+        positions=args.positions, pooling=args.pooling, score_threshold=args.score_threshold,
+        max_length=args.max_length, site=args.site, normalize=args.normalize, source=args.data,
+        **_extractor_options(args),
     )  # fmt: skip
 
 
-def _random(args) -> dict:
-    from interventions import load_directions
-    from interventions.extraction import random_direction
+def _judged(args: JudgedArguments) -> dict:
+    model, tok = _load(args, adapter=args.adapter)
+    return judged_directions(
+        model, tok, read_jsonl(args.positive), read_jsonl(args.negative), args.layers,
+        positions=args.positions, pooling=args.pooling, max_length=args.max_length, site=args.site,
+        normalize=args.normalize, source=f"{args.positive} vs {args.negative}", **_extractor_options(args),
+    )  # fmt: skip
 
+
+def _pair(args: PairArguments):
+    """(base, fine-tuned or None, tokenizer, examples): two models, or one PEFT model (adapter off/on)."""
+    base, tok = _load(args, adapter=args.adapter)
+    tuned = _load(args, name=args.finetuned)[0] if args.finetuned else None
+    examples = record_examples(
+        tok, read_jsonl(args.data), positions=args.positions, max_length=args.max_length
+    )
+    return base, tuned, examples
+
+
+def _finetune_diff(args: FinetuneDiffArguments) -> dict:
+    base, tuned, examples = _pair(args)
+    return finetune_difference(
+        base, tuned, examples, args.layers, n_components=args.n_components, site=args.site,
+        pooling=args.pooling, max_tokens=args.max_tokens, seed=args.seed, centre=args.centre,
+        source=args.data, **_extractor_options(args),
+    )  # fmt: skip
+
+
+def _sae(args: SAEArguments) -> dict:
+    base, tuned, examples = _pair(args)
+    layer = None if args.layers == "all" else args.layers[0]
+    return sae_latents(
+        base, tuned, examples, args.sae, layer=layer, n_latents=args.n_latents, rank_by=args.rank_by,
+        sign=args.sign, site=args.site, pooling=args.pooling, source=args.data, **_extractor_options(args),
+    )  # fmt: skip
+
+
+def _random(args: RandomArguments) -> dict:
     if args.like:
         likes = load_directions(args.like)
         if args.layer is not None:
             likes = [d for d in likes if d.layer == args.layer]
             if not likes:
-                raise SystemExit(f"{args.like} holds no direction for layer {args.layer}.")
+                raise KeelInputError(f"{args.like} holds no direction for layer {args.layer}.")
         return {
             (d.layer if d.layer is not None else i): random_direction(like=d, seed=args.seed + i)
             for i, d in enumerate(likes)
         }
-    if args.d_model is None:
-        raise SystemExit("keel extract random: give --like DIRECTION_FILE, or --d-model (and --k).")
     return {0: random_direction(args.d_model, args.k, seed=args.seed)}
 
 
-def _inspect(args) -> int:
-    from interventions import load_directions, save_directions
-    from interventions.extraction import read_jsonl, record_examples
-    from interventions.interpret import inspect_direction
-
+def _inspect(args: InspectArguments) -> int:
+    out = Path(args.output_dir)
     directions = load_directions(args.direction)
     if args.layer is not None:
         directions = [d for d in directions if d.layer == args.layer]
         if not directions:
-            raise SystemExit(f"{args.direction} holds no direction for layer {args.layer}.")
+            raise KeelInputError(f"{args.direction} holds no direction for layer {args.layer}.")
     if args.select is not None:
         if len(directions) != 1:
-            raise SystemExit("--select picks rows of one direction: add --layer to choose which.")
-        if not args.save_selected:
-            raise SystemExit("--select needs --save-selected FILE to write the chosen rows to.")
+            raise KeelInputError("--select picks rows of one direction: add --layer to choose which.")
         picked = directions[0].select(args.select)
-        print(f"selected rows {args.select} -> {save_directions([picked], args.save_selected)}")
-    tok = _load_tokenizer(args)
-    model = _load_model(args.model, args)
+        print(f"selected rows {args.select} -> {save_directions([picked], out / SELECTED_FILE)}")
+    model, tok = _load(args, adapter=args.adapter)
     corpus = record_examples(tok, read_jsonl(args.data), positions="all", max_length=args.max_length)
     compare = None
     if args.compare:
@@ -328,32 +519,60 @@ def _inspect(args) -> int:
     before = max(args.window - 2, 0)
     after = args.window - before - 1
     for d in directions:
-        out = Path(args.out) if len(directions) == 1 else Path(args.out) / f"layer_{d.layer}"
+        folder = out if len(directions) == 1 else out / f"layer_{d.layer}"
         path = inspect_direction(
-            model, d, corpus, out, tokenizer=tok, compare=compare, top_k=args.top_k, before=before,
-            after=after, batch_size=args.batch_size, progress=False if args.no_progress else None,
+            model, d, corpus, folder, tokenizer=tok, compare=compare, top_k=args.top_k, before=before,
+            after=after, batch_size=args.batch_size, progress=None if args.progress else False,
         )  # fmt: skip
         print(f"report: {path}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    if args.method == "inspect":
-        return _inspect(args)
-    from interventions import save_directions
+EXTRACTORS = {
+    "contrastive": _contrastive,
+    "judged": _judged,
+    "finetune-diff": _finetune_diff,
+    "sae": _sae,
+    "random": _random,
+}
 
-    directions = _random(args) if args.method == "random" else _extract(args)
+
+def run(method: str, args) -> Path | None:
+    """Run ``method`` with its parsed config; returns the direction file written (None for inspect)."""
+    write_config_record(args.output_dir, {"extract": {"method": method, **config_dict(args)}})
+    if method == "inspect":
+        _inspect(args)
+        return None
+    directions = EXTRACTORS[method](args)
     ordered = [directions[k] for k in sorted(directions)]
-    path = save_directions(ordered, args.out)
+    path = save_directions(ordered, Path(args.output_dir) / DIRECTION_FILE)
     for d in ordered:
         print(f"layer {d.layer}: k={d.k} method={d.method} site={d.site}")
     print(f"wrote {path}")
     if args.report_to == "wandb":
-        from interventions.extraction import log_direction_artifact
-
-        name = log_direction_artifact(path, ordered, name=args.artifact_name, project=args.wandb_project)
+        name = args.artifact_name or re.sub(r"[^A-Za-z0-9._-]", "-", Path(args.output_dir).resolve().name)
+        name = log_direction_artifact(path, ordered, name=name, project=args.wandb_project)
         print(f"logged W&B artifact {name!r} (type direction)")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage())
+        return 0
+    if not argv or argv[0] not in METHODS:
+        what = f"unknown method {argv[0]!r}" if argv else "give a method"
+        print(f"{PROG}: {what}.\n\n{usage()}", file=sys.stderr)
+        return 2
+    method, rest = argv[0], argv[1:]
+    if method == "inspect" and rest and not rest[0].startswith("-"):
+        rest = ["--direction", *rest]  # `keel extract inspect FILE ...`
+    args = parse_config(method, rest)
+    try:
+        run(method, args)
+    except (KeelInputError, ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"{PROG} {method}: {err}") from None
     return 0
 
 

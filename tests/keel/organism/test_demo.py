@@ -1,8 +1,11 @@
 """A tiny version of the whole demo pipeline: build, extract, validate, fine-tune per condition, report."""
 
+import dataclasses
 import json
 
-from keel.commands.demo import load_config, make_parser
+import pytest
+
+from keel.commands.demo import load_config, make_parser, resolve
 from keel.organism.demo import AFTER_NONE, CONDITIONS, DemoConfig, run_demo
 
 
@@ -34,10 +37,19 @@ def test_tiny_demo_end_to_end(tiny_config, tmp_path):
 
 def test_cli_config_splits_demo_and_organism_keys(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("seeds: [3, 4]\nworld:\n  seed: 7\n  em_domains: [code]\npretrain:\n  steps: 9\n")
+    path.write_text(
+        "seeds: [3, 4]\nwandb: false\nworkers: 3\nworld:\n  seed: 7\n  em_domains: [code]\npretrain:\n  steps: 9\n"
+    )
     cfg = load_config(str(path))
     assert cfg.seeds == [3, 4] and cfg.organism.world.seed == 7 and cfg.organism.pretrain.steps == 9
-    assert make_parser().parse_args(["--seeds", "5"]).seeds == 5
+    assert resolve(["--config", str(path)]) == cfg  # no options: the config as written
+    cli = resolve(["--config", str(path), "--seeds", "5", "--wandb", "--no_progress", "--output_dir", "o"])
+    assert cli == dataclasses.replace(cfg, seeds=[0, 1, 2, 3, 4], wandb=True, progress=False, output_dir="o")
+    assert resolve(["--conditions", "none", "caft", "--no_wandb"]).conditions == ["none", "caft"]
+    assert resolve(["--workers", "1"]) == DemoConfig(workers=1)
+    for bad in (["--conditions", "ablate"], ["--conditions", "nope"], ["--seeds", "0"], ["--bogus"]):
+        with pytest.raises(SystemExit):
+            resolve(bad)
 
 
 def test_caft_mean_ablation_holds_the_chat_models_mean_projection(tiny_config, tmp_path):
