@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -19,8 +20,11 @@ from torch import nn
 
 from . import operators
 from .direction import Direction, DirectionError
-from .sites import decoder_layers, hidden_size, register_site_hook, resolve_layers
-from .spec import Intervention, SpecError
+from .sites import decoder_layers, hidden_size, register_site_hook, resolve_layers, unwrap_model
+from .spec import Intervention, SpecError, check_unique_names
+
+# Sets attached to each model (weakly held: a model that is gone takes its entry with it).
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -84,6 +88,13 @@ class TokenContext:
     completion_mask: torch.Tensor | None = None
     generating: bool = False
 
+    def real_tokens(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Non-padding positions of ``h`` (``[B, T]``), when the attention mask says which they are."""
+        if self.attention_mask is None or self.attention_mask.dim() != 2:
+            return None
+        mask = self.attention_mask[:, -h.shape[1] :].to(h.device).bool()
+        return mask if mask.shape == h.shape[:2] else None
+
     def mask(self, tokens: str, h: torch.Tensor) -> torch.Tensor | None:
         if tokens == "all":
             return None
@@ -131,13 +142,13 @@ class InterventionSet:
         model: nn.Module,
         interventions: Sequence[Intervention | dict],
         layers_path: str | None = None,
+        allow_stacking: bool = False,
     ):
         self.model = model
         self.layers_path = layers_path
         self.interventions = [Intervention.from_dict(i) for i in interventions]
-        names = [i.name for i in self.interventions]
-        if len(set(names)) != len(names):
-            raise SpecError(f"Intervention names must be unique (got {names}); set `name` on each.")
+        check_unique_names(self.interventions)
+        self.allow_stacking = allow_stacking
         self.context = TokenContext()
         self._phase: str | None = None
         self._handles: list = []
@@ -180,6 +191,7 @@ class InterventionSet:
         if self._depth > 1:
             return self
         try:
+            self._check_stacking()
             for (kind, layer), ops in self._ops_by_site.items():
                 run = functools.partial(self._run_ops, ops)
                 self._handles.append(register_site_hook(self.model, kind, layer, run, self.layers_path))
@@ -194,6 +206,23 @@ class InterventionSet:
         if self._depth == 0:
             while self._handles:
                 self._handles.pop().remove()
+            _ATTACHED.get(unwrap_model(self.model), set()).discard(self)
+
+    def _check_stacking(self) -> None:
+        """Two sets acting at the same site of one model stack silently (two ``add`` steer twice): refuse
+        unless both sets were built with ``allow_stacking=True``."""
+        others = _ATTACHED.setdefault(unwrap_model(self.model), set())
+        for other in others:
+            shared = sorted(set(self._ops_by_site) & set(other._ops_by_site))
+            if shared and not (self.allow_stacking and other.allow_stacking):
+                mine = sorted({op.spec.name for key in shared for op in self._ops_by_site[key]})
+                theirs = sorted({op.spec.name for key in shared for op in other._ops_by_site[key]})
+                raise RuntimeError(
+                    f"Another InterventionSet ({theirs}) is attached to this model at {shared}, where this one "
+                    f"({mine}) acts too: their effects would stack. Detach it first, merge them into one set, "
+                    "or build both with allow_stacking=True if stacking is what you want."
+                )
+        others.add(self)
 
     @property
     def attached(self) -> bool:
@@ -269,6 +298,8 @@ class InterventionSet:
         _, basis, _ = op.on(before.device)
         p_before = operators.projection(before, basis).abs().mean(-1)
         p_after = operators.projection(after, basis).abs().mean(-1)
+        if mask is None:  # count real tokens only: padding would make the mean depend on how rows are batched
+            mask = self.context.real_tokens(before)
         if mask is not None:
             m = mask.to(p_before.dtype)
             s_before, s_after, n = (p_before * m).sum(), (p_after * m).sum(), m.sum()
@@ -281,15 +312,26 @@ class InterventionSet:
         st["tokens"] = st["tokens"] + n.to(s_before.device)
         st["hits"] += 1
 
-    def pop_metrics(self, prefix: str = "interventions/") -> dict[str, float]:
-        """Mean |projection| before/after each operator and hook hits since the last call, then reset."""
+    def pop_metrics(
+        self, prefix: str = "interventions/", sum_over_processes=None, processes: int = 1
+    ) -> dict[str, float]:
+        """Mean |projection| before/after each operator (token-weighted) and hook hits per process since the
+        last call, then reset. Under several processes pass ``sum_over_processes`` (a function summing a
+        tensor across them, e.g. ``accelerator.reduce(t, "sum")``) and their number: every process must
+        call this at the same step, with the same interventions."""
+        keys = sorted(self._stats)
+        sums = torch.tensor(
+            [[float(self._stats[k][f]) for f in ("before", "after", "tokens", "hits")] for k in keys],
+            dtype=torch.float64,
+        ).reshape(len(keys), 4)
+        if sum_over_processes is not None and processes > 1:
+            sums = sum_over_processes(sums)
         out = {}
-        for key, st in self._stats.items():
-            tokens = float(st["tokens"])
+        for key, (before, after, tokens, hits) in zip(keys, sums.tolist()):
             if tokens > 0:
-                out[f"{prefix}{key}/proj_before"] = float(st["before"]) / tokens
-                out[f"{prefix}{key}/proj_after"] = float(st["after"]) / tokens
-            out[f"{prefix}{key}/hits"] = float(st["hits"])
+                out[f"{prefix}{key}/proj_before"] = before / tokens
+                out[f"{prefix}{key}/proj_after"] = after / tokens
+            out[f"{prefix}{key}/hits"] = hits / max(processes, 1)
         self._stats = {}
         return out
 

@@ -76,6 +76,38 @@ def _get_path(root: nn.Module, path: str) -> nn.Module:
     return obj
 
 
+LAYERS_PATH_HELP = (
+    "pass layers_path=... (Python) or intervention_layers_path: ... (recipe key), or register the model type "
+    "once with interventions.register_architecture(model_type, path)"
+)
+
+
+def candidate_layer_lists(model: nn.Module) -> list[tuple[str, int]]:
+    """(dotted path, length) of every ModuleList of same-class modules in ``model``: where decoder
+    layers may live, for error messages."""
+    found = []
+    for name, module in unwrap_model(model).named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            if len({type(m) for m in module}) == 1:
+                found.append((name, len(module)))
+    return found
+
+
+def _candidates_text(model: nn.Module) -> str:
+    found = candidate_layer_lists(model)
+    if not found:
+        return "No ModuleList of repeated blocks was found in the model."
+    listed = ", ".join(
+        f"{path!r} ({n} x {type(_get_path(unwrap_model(model), path)[0]).__name__})" for path, n in found
+    )
+    return f"Layer lists found in this model: {listed}."
+
+
+def _first_candidate(model: nn.Module) -> str:
+    found = candidate_layer_lists(model)
+    return max(found, key=lambda c: c[1])[0] if found else "model.layers"
+
+
 def decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.ModuleList:
     """The model's list of decoder layers, found by ``layers_path`` or the registry."""
     base = unwrap_model(model)
@@ -84,47 +116,72 @@ def decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.Modul
         if model_type not in _REGISTRY:
             raise ValueError(
                 f"Unknown model_type {model_type!r}: keel does not know where its decoder layers are. "
-                f"Register it with interventions.register_architecture({model_type!r}, 'model.layers') "
-                f"(use the dotted path of its layer list), or pass layers_path=... . "
-                f"Known model types: {', '.join(registered_model_types())}."
+                f"{_candidates_text(base)} Register it with interventions.register_architecture("
+                f"{model_type!r}, {_first_candidate(base)!r}), or pass layers_path=... (Python) / "
+                f"intervention_layers_path: ... (recipe key). Known model types: {', '.join(registered_model_types())}."
             )
         layers_path = _REGISTRY[model_type].layers_path
     try:
         layers = _get_path(base, layers_path)
     except AttributeError as err:
         raise ValueError(
-            f"layers_path {layers_path!r} not found on {type(base).__name__} (missing attribute {err}); "
-            "pass the dotted path of the decoder-layer ModuleList, e.g. 'model.layers'."
+            f"layers_path {layers_path!r} not found on {type(base).__name__} (missing attribute {err}). "
+            f"{_candidates_text(base)} Give the path of the decoder layers: {LAYERS_PATH_HELP}."
         ) from None
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(
-            f"layers_path {layers_path!r} is a {type(layers).__name__}, not a ModuleList of layers."
+            f"layers_path {layers_path!r} is a {type(layers).__name__}, not a ModuleList of layers. "
+            f"{_candidates_text(base)}"
         )
     return layers
 
 
-def resolve_layers(spec: int | str | Sequence[int] | None, num_layers: int) -> list[int]:
-    """Turn ``12``, ``[3, 5]``, ``"all"``, ``"4:8"`` or ``"-1"`` into sorted valid 0-based indices."""
+LAYERS_HELP = "an int (12), a list of ints ([3, 5]), 'all', or a range 'start:stop' ('4:8', '4:', ':-2')"
+
+
+def parse_layers(spec) -> str | slice | list[int]:
+    """Check the syntax of a layer selection without a model: ``"all"``, a slice, or a list of ints.
+
+    Booleans, floats and non-numeric strings are refused (``true`` or ``1.5`` must not become layer 1).
+    """
     if spec is None:
-        raise ValueError("No layers given: set `layers` (an int, a list, 'all', or a range 'start:stop').")
+        raise ValueError(f"No layers given: set `layers` to {LAYERS_HELP}.")
+    if isinstance(spec, bool) or isinstance(spec, float):
+        raise ValueError(f"Cannot read layers {spec!r}: use {LAYERS_HELP}.")
+    if isinstance(spec, int):
+        return [spec]
     if isinstance(spec, str):
         text = spec.strip()
         if text == "all":
-            idx = list(range(num_layers))
-        elif ":" in text:
-            start, _, stop = text.partition(":")
-            idx = list(range(num_layers))[slice(int(start) if start else None, int(stop) if stop else None)]
-        else:
-            try:
-                idx = [int(text)]
-            except ValueError:
-                raise ValueError(
-                    f"Cannot read layers {spec!r}: use an int, a list, 'all' or 'start:stop'."
-                ) from None
-    elif isinstance(spec, int):
-        idx = [spec]
+            return "all"
+        try:
+            if ":" in text:
+                start, _, stop = text.partition(":")
+                if ":" in stop:
+                    raise ValueError
+                return slice(int(start) if start.strip() else None, int(stop) if stop.strip() else None)
+            return [int(text)]
+        except ValueError:
+            raise ValueError(f"Cannot read layers {spec!r}: use {LAYERS_HELP}.") from None
+    if isinstance(spec, Sequence):
+        bad = [i for i in spec if isinstance(i, bool) or not isinstance(i, int)]
+        if bad or not spec:
+            raise ValueError(
+                f"Cannot read layers {spec!r} ({'entries ' + repr(bad) if bad else 'empty'}): use {LAYERS_HELP}."
+            )
+        return list(spec)
+    raise ValueError(f"Cannot read layers {spec!r}: use {LAYERS_HELP}.")
+
+
+def resolve_layers(spec: int | str | Sequence[int] | None, num_layers: int) -> list[int]:
+    """Turn ``12``, ``[3, 5]``, ``"all"``, ``"4:8"`` or ``"-1"`` into sorted valid 0-based indices."""
+    parsed = parse_layers(spec)
+    if parsed == "all":
+        idx = list(range(num_layers))
+    elif isinstance(parsed, slice):
+        idx = list(range(num_layers))[parsed]
     else:
-        idx = [int(i) for i in spec]
+        idx = parsed
     out = []
     for i in idx:
         j = i + num_layers if i < 0 else i

@@ -25,7 +25,7 @@ from .direction import (
 )
 from .operators import OPERATORS, Operator
 from .serialization import KeelInputError, from_dict, load_yaml
-from .sites import SITE_KINDS
+from .sites import SITE_KINDS, parse_layers
 from .tracking import fetch_direction_artifact
 
 TOKENS = ("all", "prompt", "completion")
@@ -133,6 +133,11 @@ class Intervention:
                 f"trainers run for the {' and '.join(repr(p) for p in self.op.phases)} phases only; "
                 f"got phases {self.phases}."
             )
+        if self.layers is not None:
+            try:
+                parse_layers(self.layers)
+            except ValueError as err:
+                raise SpecError(f"Intervention {self.name or self.operator!r}: {err}") from None
         if self.direction is None:
             raise SpecError("`direction` is required: a path to a direction file, a Direction or a tensor.")
         if self.name is None:
@@ -265,6 +270,16 @@ def _random_from_string(text: str, d_model: int | None) -> Direction:
     return random_direction(d_model, k=k, seed=seed)
 
 
+def check_unique_names(specs: list[Intervention]) -> None:
+    names = [i.name for i in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SpecError(
+            f"Intervention names must be unique; {duplicates} appear more than once (two interventions with "
+            "the same operator and site get the same default name): set `name` on each."
+        )
+
+
 def _check_value(value, name: str) -> None:
     try:
         values = torch.as_tensor(value, dtype=torch.float64)
@@ -300,4 +315,6 @@ def parse_interventions(value, what: str = "interventions") -> list[Intervention
             return []
     if not isinstance(value, (list, tuple)):
         raise SpecError(f"{what} must be a list of interventions, got {type(value).__name__}: {value!r}.")
-    return [Intervention.from_dict(i) for i in value]
+    specs = [Intervention.from_dict(i) for i in value]
+    check_unique_names(specs)
+    return specs

@@ -129,7 +129,16 @@ class InterventionTrainerMixin:
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         prefix = "interventions/" if self.model.training else "eval_interventions/"
-        logs.update(self.intervention_set.pop_metrics(prefix=prefix))
+        # Under DDP every process measured its own shard: sum the raw sums so the logged means cover the
+        # global batch (log runs on every process at the same step).
+        acc = self.accelerator
+        logs.update(
+            self.intervention_set.pop_metrics(
+                prefix=prefix,
+                sum_over_processes=lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu(),
+                processes=acc.num_processes,
+            )
+        )
         for op in self.intervention_set.ops:
             if op.spec.schedule is not None and self.model.training:
                 logs[f"{prefix}{op.spec.name}/L{op.layer}/coefficient"] = op.coefficient

@@ -57,8 +57,21 @@ def main(out: str, per_device_batch: int, operator: str = "project_out") -> None
     trainer.train()
     if trainer.accelerator.is_main_process:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        diagnostics = [
+            {k: v for k, v in h.items() if k.startswith("interventions/")}
+            for h in trainer.state.log_history
+            if "loss" in h
+        ]
         state = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
-        torch.save({"losses": losses, "state": state, "world_size": trainer.accelerator.num_processes}, out)
+        torch.save(
+            {
+                "losses": losses,
+                "state": state,
+                "world_size": trainer.accelerator.num_processes,
+                "diagnostics": diagnostics,
+            },
+            out,
+        )
 
 
 if __name__ == "__main__":

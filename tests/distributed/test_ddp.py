@@ -44,5 +44,10 @@ def test_two_process_ddp_matches_one_process(tmp_path, operator):
     a, b = torch.load(single), torch.load(double)
     assert a["world_size"] == 1 and b["world_size"] == 2
     torch.testing.assert_close(torch.tensor(b["losses"]), torch.tensor(a["losses"]), atol=1e-4, rtol=1e-4)
+    # diagnostics are reduced over both processes: they describe the global batch, as in one process
+    assert a["diagnostics"] and a["diagnostics"][0].keys() == b["diagnostics"][0].keys()
+    for step_a, step_b in zip(a["diagnostics"], b["diagnostics"]):
+        for key, value in step_a.items():
+            assert abs(step_b[key] - value) <= 1e-4 * max(1.0, abs(value)), (key, value, step_b[key])
     for name, value in a["state"].items():
         torch.testing.assert_close(b["state"][name], value, atol=1e-5, rtol=1e-4, msg=name)
