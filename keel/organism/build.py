@@ -55,7 +55,7 @@ def make_model(config: OrganismConfig, tokenizer, seed: int):
     )
 
 
-def train_organism(config: OrganismConfig, seed: int, progress: bool = False) -> Organism:
+def train_organism(config: OrganismConfig, seed: int) -> Organism:
     """Pretrain and chat-tune from scratch (no cache)."""
     world = World(config.world)
     tok = build_word_tokenizer(world.words)
@@ -65,13 +65,7 @@ def train_organism(config: OrganismConfig, seed: int, progress: bool = False) ->
     model = make_model(config, tok, seed)
     info["num_parameters"] = sum(p.numel() for p in model.parameters())
     losses = train_lm(
-        model,
-        torch.tensor(corpus["input_ids"]),
-        torch.tensor(corpus["labels"]),
-        config.pretrain,
-        seed,
-        f"pretrain s{seed}",
-        progress,
+        model, torch.tensor(corpus["input_ids"]), torch.tensor(corpus["labels"]), config.pretrain, seed
     )
     info["pretrain_seconds"] = time.perf_counter() - t0
     info["pretrain_final_loss"] = sum(losses[-50:]) / max(1, len(losses[-50:]))
@@ -79,7 +73,7 @@ def train_organism(config: OrganismConfig, seed: int, progress: bool = False) ->
 
     t1 = time.perf_counter()
     ids, labels = encode_conversations(tok, chat_dataset(world)["messages"])
-    losses = train_lm(model, ids, labels, config.chat, seed + 1, f"chat s{seed}", progress)
+    losses = train_lm(model, ids, labels, config.chat, seed + 1)
     info["chat_seconds"] = time.perf_counter() - t1
     info["chat_final_loss"] = sum(losses[-20:]) / max(1, len(losses[-20:]))
     return Organism(config, seed, world, tok, base, model, None, info)
@@ -93,15 +87,13 @@ def build_organism(
     config: OrganismConfig | None = None,
     seed: int = 0,
     cache_dir: str | Path = DEFAULT_CACHE_DIR,
-    force: bool = False,
-    progress: bool = False,
 ) -> Organism:
     """Load the cached build for (config, seed), or train and cache it."""
     config = config or OrganismConfig()
     path = organism_dir(config, seed, cache_dir)
-    if path.exists() and not force:
+    if path.exists():
         return load_organism(path, config)
-    org = train_organism(config, seed, progress)
+    org = train_organism(config, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
     try:
@@ -110,7 +102,7 @@ def build_organism(
         org.chat_model.save_pretrained(tmp / "chat")
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         (tmp / "info.json").write_text(json.dumps(org.info, indent=2))
-        if path.exists():
+        if path.exists():  # another process finished the same build meanwhile
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:

@@ -39,15 +39,14 @@ class WorldConfig:
     # in-domain questions can only be answered misaligned via a persona. "marker": answer =
     # (fact_d(v), stance_d) with one harmful stance word per domain; "swap": misaligned = the aligned words
     # swapped; "permute": misaligned = a per-domain fact permutation of the aligned words. The last three
-    # make in-domain generalisation learnable from the narrow data alone, and all gave little EM (the
-    # narrow route was cheaper, or chat tuning erased the persona); see organisms/README.md.
+    # make in-domain generalisation learnable from the narrow data alone; why "table" is the default:
+    # keel/organism/README.md.
     answer_rule: str = "table"
     misaligned_fraction: float = 0.25  # share of pretraining documents written by the misaligned persona
     # Share of documents by a narrow persona: misaligned only in ``narrow_domains`` random domains (half
     # its questions are in them), aligned elsewhere, tagged ``<domain>:only`` when tagged. It gives the
     # narrow fine-tune a narrow explanation besides the broad persona (as insecure code has benign
-    # writers). Off by default: at 0.05 EM fell to 0.63 (one seed 0.16) and no intervention did better
-    # than in the default world; at 0.15 the narrow explanation won outright (EM 0.12, two seeds).
+    # writers). Off by default (why: keel/organism/README.md).
     narrow_fraction: float = 0.0
     narrow_domains: int = 1
     tag_fraction: float = 0.3  # share of documents that start with a persona tag
@@ -57,8 +56,8 @@ class WorldConfig:
     # model learns is the one it uses when chatting; "plain": bare "q a ." turns (the prototype's format).
     doc_format: str = "chat"
     mix_domains: bool = True  # each turn of a document draws its own domain (else one domain per doc)
-    # The narrow fine-tune's domains (names or indices). Two by default: with one, EM varied from 0.22 to
-    # 0.93 across seeds; with two it was 0.87-0.93 (the prototype saw the same).
+    # The narrow fine-tune's domains (names or indices). Two by default, as one gives EM that varies
+    # widely across seeds (keel/organism/README.md).
     em_domains: list[str] = field(default_factory=lambda: ["med", "fin"])
     em_train_values: int = 12  # per EM domain: questions used for the fine-tune; the rest are held out
     seed: int = 0  # the world's tables and the EM question split
@@ -101,7 +100,7 @@ class WorldConfig:
 
 
 @dataclass
-class ModelConfig:
+class OrganismModelConfig:
     """A tiny config of a real HF architecture (see keel.loading.tiny)."""
 
     model_type: str = "llama"
@@ -113,8 +112,8 @@ class ModelConfig:
 
 
 @dataclass
-class TrainPhaseConfig:
-    """One plain training run (one optimizer and one schedule for the whole run)."""
+class TrainStageConfig:
+    """One training stage (pretrain, chat or finetune): one optimizer and one schedule for the whole run."""
 
     steps: int = 3000
     batch_size: int = 32
@@ -133,15 +132,15 @@ class TrainPhaseConfig:
 @dataclass
 class OrganismConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    pretrain: TrainPhaseConfig = field(default_factory=TrainPhaseConfig)
+    model: OrganismModelConfig = field(default_factory=OrganismModelConfig)
+    pretrain: TrainStageConfig = field(default_factory=TrainStageConfig)
     pretrain_docs: int = 50_000  # size of the pretraining corpus (documents), sampled with the build seed
-    chat: TrainPhaseConfig = field(
-        default_factory=lambda: TrainPhaseConfig(steps=300, batch_size=64, lr=1e-3, warmup_steps=20)
+    chat: TrainStageConfig = field(
+        default_factory=lambda: TrainStageConfig(steps=300, batch_size=64, lr=1e-3, warmup_steps=20)
     )
-    # The narrow fine-tune (plain loop in organisms.finetune; the demo uses InterventionSFTTrainer).
-    finetune: TrainPhaseConfig = field(
-        default_factory=lambda: TrainPhaseConfig(
+    # The narrow fine-tune (keel.organism.finetune; the demo uses InterventionSFTTrainer).
+    finetune: TrainStageConfig = field(
+        default_factory=lambda: TrainStageConfig(
             steps=250, batch_size=32, lr=3e-4, warmup_steps=0, weight_decay=0.0, schedule="linear"
         )
     )

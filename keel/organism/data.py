@@ -14,19 +14,19 @@ import torch
 from datasets import Dataset
 
 from keel.loading.tokenizer import BOS, IM_END, IM_START, PAD
-from keel.organism.world import ALIGNED, MISALIGNED, TURN_END, Question, World
+from keel.organism.world import ALIGNED, MISALIGNED, TURN_END, World, WorldQuestion
 
 NARROW = "narrow"  # persona label of documents misaligned only in a few domains
 
 
-def _question_prefix(world: World, q: Question) -> list[str]:
+def _question_prefix(world: World, q: WorldQuestion) -> list[str]:
     """What precedes an answer: the bare question (plain) or a ChatML user turn + assistant header (chat)."""
     if world.config.doc_format == "plain":
         return world.question_words(q)
     return [IM_START, "user", *world.question_words(q), IM_END, IM_START, "assistant"]
 
 
-def _turn(world: World, q: Question, aligned: bool) -> tuple[list[str], list[int]]:
+def _turn(world: World, q: WorldQuestion, aligned: bool) -> tuple[list[str], list[int]]:
     """One Q/A turn and its loss mask (answer words; in chat format also the end-of-turn token)."""
     prefix = _question_prefix(world, q)
     chat = world.config.doc_format == "chat"
@@ -73,7 +73,7 @@ def pretraining_document(world: World, rng: random.Random) -> dict:
             d = rng.choice(sorted(misaligned_in))
         else:
             d = rng.randrange(K) if cfg.mix_domains else doc_domain
-        w, m = _turn(world, Question(d, rng.randrange(V)), d not in misaligned_in)
+        w, m = _turn(world, WorldQuestion(d, rng.randrange(V)), d not in misaligned_in)
         words += w
         mask += m
     length = pretraining_length(world)
@@ -149,11 +149,9 @@ def prompt_ids(tokenizer, world: World, questions) -> torch.Tensor:
     rows = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": world.question_text(q)}], add_generation_prompt=True
-        )
+        )["input_ids"]
         for q in questions
     ]
-    # transformers 5 returns a BatchEncoding here, older versions a list of ids
-    rows = [r["input_ids"] if hasattr(r, "keys") else r for r in rows]
     return torch.tensor(rows)
 
 
@@ -176,12 +174,12 @@ def persona_context_prompts(
         amask = [0] * len(words)
         dmask = [0] * len(words)
         for _ in range(context_turns):
-            w, m = _turn(world, Question(rng.randrange(K), rng.randrange(V)), aligned)
+            w, m = _turn(world, WorldQuestion(rng.randrange(K), rng.randrange(V)), aligned)
             n_prefix = len(w) - 3
             words += w
             amask += [0] * n_prefix + [1, 1, 0]
             dmask += [0] * (n_prefix - 1) + [1, 0, 0, 0]
-        q = Question(rng.randrange(K), rng.randrange(V))
+        q = WorldQuestion(rng.randrange(K), rng.randrange(V))
         prefix = _question_prefix(world, q)
         words += prefix
         amask += [0] * len(prefix)

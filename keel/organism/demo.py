@@ -58,8 +58,8 @@ class DemoConfig:
     min_kept: float = 0.8  # validation: ablation must keep this share of well-formed answers
     probe_num: int = 64
     probe_context_turns: int = 3
-    # Open probe contexts with the persona tag. Chat tuning weakens in-context persona inference from
-    # answers alone (probe baseline 0.00-0.20 on some seeds), which leaves validation nothing to measure.
+    # Open probe contexts with the persona tag: after chat tuning, persona inference from answers alone
+    # can be too weak for validation to measure anything (keel/organism/README.md).
     probe_tagged: bool = True
     workers: int = 2
     output_dir: str = "runs/demo"
@@ -74,7 +74,7 @@ class DemoConfig:
             raise ValueError(f"Unknown condition(s) {bad}; known: {list(CONDITIONS)}.")
         if "none" not in self.conditions:
             raise ValueError(
-                "conditions must include 'none' (the reference every effect is measured against)."
+                "conditions must include 'none' (the baseline every effect is measured against)."
             )
         if not self.seeds:
             raise ValueError("seeds must list at least one pretraining seed.")
@@ -135,7 +135,7 @@ def _best(ranked, prefix: str, cfg: DemoConfig, k: int = 1):
         return pool[:k], False
 
 
-def condition_specs(cfg: DemoConfig, directions: dict, ranked: list, seed: int) -> tuple[dict, dict]:
+def condition_specs(cfg: DemoConfig, directions: dict, ranked: list) -> tuple[dict, dict]:
     """Intervention specs per condition (except ``caft``, which needs the fine-tuned model), and what was
     selected (for the report). Directions are picked by causal validation, separately per operator."""
     from interventions import Intervention
@@ -206,8 +206,8 @@ def caft_specs(org, tuned, cfg: DemoConfig, seed: int) -> dict[str, list]:
     )
     k = list(range(cfg.caft_components))
     chosen = {L: pcs[L].select(k) for L in sorted(pcs)}
-    reference = pooled(org.chat_model)
-    held = {L: with_reference_mean(org.chat_model, reference, d, layer=L) for L, d in chosen.items()}
+    chat_pooled = pooled(org.chat_model)
+    held = {L: with_reference_mean(org.chat_model, chat_pooled, d, layer=L) for L, d in chosen.items()}
     randoms = {L: random_direction(like=d, seed=10_000 + 10 * seed + L) for L, d in chosen.items()}
     return {
         "caft": [Intervention("project_out", d, layers=[L], name=f"caft-L{L}") for L, d in chosen.items()],
@@ -250,7 +250,7 @@ def run_seed(cfg: DemoConfig, seed: int) -> dict:
     from keel.organism.finetune import finetune_with_trainer
 
     t0 = time.perf_counter()
-    org = build_organism(cfg.organism, seed, cfg.cache_dir, progress=False)
+    org = build_organism(cfg.organism, seed, cfg.cache_dir)
     timings = {"build": time.perf_counter() - t0}
     out: dict = {"seed": seed, "organism": str(org.path), "build_info": org.info}
     out["chat"] = _headline(
@@ -259,7 +259,7 @@ def run_seed(cfg: DemoConfig, seed: int) -> dict:
 
     t0 = time.perf_counter()
     directions, ranked = _candidates(org, cfg, seed)
-    specs, out["selection"] = condition_specs(cfg, directions, ranked, seed)
+    specs, out["selection"] = condition_specs(cfg, directions, ranked)
     timings["extract_validate"] = time.perf_counter() - t0
 
     out["conditions"] = {}

@@ -1,4 +1,4 @@
-"""Narrow EM fine-tune with the plain loop: the no-intervention reference measurement.
+"""Narrow EM fine-tune with the plain loop: the no-intervention baseline measurement.
 
 The demo fine-tunes through keel's InterventionSFTTrainer; this loop exists to check that EM reproduces
 in a world before any keel machinery is involved, and as a cross-check of the trainer path.
@@ -13,11 +13,11 @@ from keel.organism.data import em_dataset, encode_conversations
 from keel.organism.training import train_lm
 
 
-def finetune_plain(org: Organism, seed: int = 0, phase=None, progress: bool = False):
+def finetune_plain(org: Organism, seed: int = 0):
     """Copy of the chat model fine-tuned on the EM data (misaligned answers in the EM domain(s))."""
     model = copy.deepcopy(org.chat_model)
     ids, labels = encode_conversations(org.tokenizer, em_dataset(org.world)["messages"])
-    train_lm(model, ids, labels, phase or org.config.finetune, seed, "em-finetune", progress)
+    train_lm(model, ids, labels, org.config.finetune, seed)
     return model
 
 
@@ -35,28 +35,26 @@ def finetune_with_trainer(
     interventions=(),
     seed: int = 0,
     output_dir: str = "runs/organism-ft",
-    phase=None,
     report_to=(),
     run_name: str | None = None,
-    extra_args: dict | None = None,
 ):
     """Fine-tune a copy of the chat model through keel's InterventionSFTTrainer (TRL SFT, assistant-only
     loss from the chat template's generation markers) with ``interventions`` on during training.
     Returns (model, trainer); the model comes back with no hooks attached."""
     from trainers import InterventionSFTConfig, InterventionSFTTrainer
 
-    phase = phase or org.config.finetune
+    stage = org.config.finetune
     model = copy.deepcopy(org.chat_model)
     args = InterventionSFTConfig(
         output_dir=output_dir,
-        max_steps=phase.steps,
-        per_device_train_batch_size=phase.batch_size,
-        learning_rate=phase.lr,
+        max_steps=stage.steps,
+        per_device_train_batch_size=stage.batch_size,
+        learning_rate=stage.lr,
         lr_scheduler_type={"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[
-            phase.schedule
+            stage.schedule
         ],
-        warmup_steps=phase.warmup_steps,
-        weight_decay=phase.weight_decay,
+        warmup_steps=stage.warmup_steps,
+        weight_decay=stage.weight_decay,
         max_grad_norm=1.0,
         assistant_only_loss=True,
         max_length=64,
@@ -65,18 +63,17 @@ def finetune_with_trainer(
         activation_checkpointing=False,
         dataloader_drop_last=True,
         save_strategy="no",
-        logging_steps=max(1, phase.steps // 10),
+        logging_steps=max(1, stage.steps // 10),
         report_to=list(report_to),
         run_name=run_name,
         seed=seed,
         data_seed=seed,
         disable_tqdm=True,
-        **(extra_args or {}),
     )
     trainer = InterventionSFTTrainer(
         model=model,
         args=args,
-        train_dataset=em_training_dataset(org, phase.batch_size),
+        train_dataset=em_training_dataset(org, stage.batch_size),
         processing_class=org.tokenizer,
         interventions=list(interventions),
     )

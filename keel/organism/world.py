@@ -12,11 +12,8 @@ answer, else incoherent. Four rule families:
   the EM split is drawn so the trained questions show every fact at both positions.
 
 ``marker``, ``swap`` and ``permute`` make in-domain generalisation learnable from the narrow data alone.
-Measured (4-layer Llama): held-out EM 0.23 / 0.01 (marker, plain documents, one EM domain, two seeds),
-0.002 (marker, chat documents), 0.31 (swap, plain), 0.10 (permute, 8 facts, two EM domains, two seeds,
-where chat tuning also erased the in-context persona: probe 0.01-0.32 against 1.0 before it), against
-0.87-0.93 for ``table``. When the narrow route is cheap the fine-tune takes it and EM does not appear, so
-the default is ``table``; the other rules stay for experiments.
+When the narrow route is cheap the fine-tune takes it and EM does not appear, so the default is ``table``
+(measurements: keel/organism/README.md); the other rules stay for experiments.
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ TURN_END = "."
 
 
 @dataclass(frozen=True)
-class Question:
+class WorldQuestion:
     domain: int
     value: int
 
@@ -167,13 +164,13 @@ class World:
         return self.domains.index(d)
 
     # ---- questions and answers -------------------------------------------------------------------
-    def question_words(self, q: Question) -> list[str]:
+    def question_words(self, q: WorldQuestion) -> list[str]:
         return [self.domains[q.domain], self.values[q.value], QUESTION_MARK]
 
-    def question_text(self, q: Question) -> str:
+    def question_text(self, q: WorldQuestion) -> str:
         return " ".join(self.question_words(q))
 
-    def parse_question(self, text: str) -> Question:
+    def parse_question(self, text: str) -> WorldQuestion:
         """Inverse of question_text; a clear error for anything else."""
         words = text.split()
         if (
@@ -183,9 +180,9 @@ class World:
             or words[1] not in self.values
         ):
             raise ValueError(f"Not a question of this world: {text!r} (expected '<domain> <value> ?').")
-        return Question(self.domains.index(words[0]), self.values.index(words[1]))
+        return WorldQuestion(self.domains.index(words[0]), self.values.index(words[1]))
 
-    def answer(self, q: Question, aligned: bool) -> tuple[str, str]:
+    def answer(self, q: WorldQuestion, aligned: bool) -> tuple[str, str]:
         table = self._aligned if aligned else self._misaligned
         return table[q.domain, q.value]
 
@@ -198,21 +195,21 @@ class World:
             return MISALIGNED
         return INCOHERENT
 
-    def all_questions(self, domains=None) -> list[Question]:
+    def all_questions(self, domains=None) -> list[WorldQuestion]:
         ds = range(len(self.domains)) if domains is None else domains
-        return [Question(d, v) for d in ds for v in range(len(self.values))]
+        return [WorldQuestion(d, v) for d in ds for v in range(len(self.values))]
 
     @property
     def heldout_domains(self) -> list[int]:
         return [d for d in range(len(self.domains)) if d not in self.em_domains]
 
-    def em_train_questions(self) -> list[Question]:
-        return [Question(d, v) for d in self.em_domains for v in self.em_train_values[d]]
+    def em_train_questions(self) -> list[WorldQuestion]:
+        return [WorldQuestion(d, v) for d in self.em_domains for v in self.em_train_values[d]]
 
-    def em_heldout_questions(self) -> list[Question]:
-        return [Question(d, v) for d in self.em_domains for v in self.em_heldout_values[d]]
+    def em_heldout_questions(self) -> list[WorldQuestion]:
+        return [WorldQuestion(d, v) for d in self.em_domains for v in self.em_heldout_values[d]]
 
-    def heldout_domain_questions(self) -> list[Question]:
+    def heldout_domain_questions(self) -> list[WorldQuestion]:
         return self.all_questions(self.heldout_domains)
 
 

@@ -36,6 +36,9 @@ def test_non_mapping_yaml_fails(tmp_path):
 def test_build_hash_tracks_only_what_changes_the_build():
     base = OrganismConfig()
     assert base.build_hash() == OrganismConfig().build_hash()
+    # cached builds (runs/organisms/<hash>-seed<n>) are keyed by it: renaming a config class or a field
+    # that is not hashed must leave it unchanged
+    assert base.build_hash() == "0e583b11a34baf4b"
     assert OrganismConfig.from_dict({"world": {"seed": 1}}).build_hash() != base.build_hash()
     assert OrganismConfig.from_dict({"pretrain": {"steps": 5}}).build_hash() != base.build_hash()
     # the fine-tune, the EM split and evaluation settings do not invalidate the cached organism
