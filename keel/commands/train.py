@@ -10,11 +10,16 @@ direction file into ``output_dir`` (``keel_config.yaml``). Also runs under
 
 from __future__ import annotations
 
+import copy
+import json
 import os
+import sys
 from pathlib import Path
 
+from transformers.trainer_utils import get_last_checkpoint
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, get_dataset, get_peft_config
 
+from interventions.serialization import KeelInputError
 from keel.loading import ModelSpec, load_dataset_any, load_model, quantization_config
 from trainers import InterventionSFTConfig, InterventionSFTTrainer
 
@@ -25,57 +30,135 @@ PROG = "keel train"
 
 
 def load_datasets(script_args, training_args, dataset_args):
-    """(train, eval or None): a mixture when ``datasets`` is given, else ``dataset_name``'s splits."""
+    """(train, eval or None): a mixture when ``datasets`` is given, else ``dataset_name``'s splits.
+
+    A mixture is TRL's ``get_dataset``: its splits are ``train`` and, with ``test_split_size``, ``test``
+    (split with ``seed``, so a resumed run trains on the same rows; TRL's own split is unseeded);
+    ``dataset_train_split``/``dataset_test_split`` name the splits of ``dataset_name`` only."""
     wants_eval = training_args.eval_strategy != "no"
     if dataset_args.datasets:
-        mixture = get_dataset(dataset_args)
-        train = mixture[script_args.dataset_train_split]
-        test = script_args.dataset_test_split
-        if wants_eval and test not in mixture:
-            raise SystemExit(
-                f"{PROG}: eval_strategy is {training_args.eval_strategy!r} but the mixture has no {test!r} split "
-                f"(it has {sorted(mixture)}); set test_split_size in the recipe, or eval_strategy: 'no'."
+        if script_args.dataset_name:
+            print(
+                f"{PROG}: both `datasets` and dataset_name are given; training on the `datasets` mixture.",
+                file=sys.stderr,
             )
-        return train, (mixture[test] if wants_eval else None)
+        test_size = dataset_args.test_split_size
+        mixture = get_dataset(_replace(dataset_args, test_split_size=None))["train"]
+        if test_size is not None:
+            if dataset_args.streaming:
+                raise SystemExit(
+                    f"{PROG}: test_split_size cannot split a streaming mixture; drop one of them."
+                )
+            split = mixture.train_test_split(test_size=test_size, seed=training_args.seed)
+            train, test = split["train"], split["test"]
+        else:
+            train, test = mixture, None
+        if wants_eval and test is None:
+            raise SystemExit(
+                f"{PROG}: eval_strategy is {training_args.eval_strategy.value!r} but the `datasets` mixture has no "
+                "test split; set test_split_size in the recipe, or eval_strategy: 'no'."
+            )
+        return train, (test if wants_eval else None)
     if not script_args.dataset_name:
         raise SystemExit(f"{PROG}: give dataset_name (a file, folder or hub id) or a `datasets:` mixture.")
-    name, config = script_args.dataset_name, script_args.dataset_config
-    train = load_dataset_any(name, config, script_args.dataset_train_split)
-    test = load_dataset_any(name, config, script_args.dataset_test_split) if wants_eval else None
-    return train, test
+
+    def split(name: str):
+        return load_dataset_any(
+            script_args.dataset_name,
+            script_args.dataset_config,
+            name,
+            streaming=script_args.dataset_streaming,
+        )
+
+    return split(script_args.dataset_train_split), (
+        split(script_args.dataset_test_split) if wants_eval else None
+    )
 
 
-def resume_target(value, output_dir: str):
+def _replace(config, **changes):
+    out = copy.copy(config)
+    for key, value in changes.items():
+        setattr(out, key, value)
+    return out
+
+
+def resume_target(value, output_dir: str) -> str | None:
     """``--resume_from_checkpoint``: a checkpoint folder, or true/last for the newest in output_dir."""
     if value is None or str(value).lower() in ("", "false", "none"):
         return None
     if str(value).lower() in ("true", "last"):
-        checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        if not checkpoints:
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
             raise SystemExit(
                 f"{PROG}: resume_from_checkpoint={value} but {output_dir} holds no checkpoint-*."
             )
-        return str(checkpoints[-1])
-    if not Path(value).is_dir():
-        raise SystemExit(f"{PROG}: resume_from_checkpoint {value} is not a checkpoint folder.")
+        return last
+    if not os.path.isfile(os.path.join(value, "trainer_state.json")):
+        raise SystemExit(
+            f"{PROG}: resume_from_checkpoint {value} is not a checkpoint folder (no trainer_state.json); "
+            "pass a checkpoint-N folder, or true for the newest in output_dir."
+        )
     return str(value)
 
 
-def main(argv: list[str] | None = None) -> int:
-    script_args, training_args, model_args, dataset_args = parse(CONFIG_TYPES, argv, PROG, __doc__)
-    if "wandb" in (training_args.report_to or []):
-        os.environ.setdefault("WANDB_DIR", training_args.output_dir)
-    resume = resume_target(training_args.resume_from_checkpoint, training_args.output_dir)
-    train_dataset, eval_dataset = load_datasets(script_args, training_args, dataset_args)
-    spec = ModelSpec(
+def model_spec(training_args, model_args) -> ModelSpec:
+    """What sft.py passes to from_pretrained: revision, dtype, attention, trust_remote_code, quantization
+    and ``model_init_kwargs`` (those win, as in sft.py)."""
+    return ModelSpec(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
         dtype=model_args.dtype,
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=training_args.trust_remote_code,
         quantization=quantization_config(model_args=model_args),
+        device="cpu" if training_args.use_cpu else None,
+        model_kwargs=dict(training_args.model_init_kwargs or {}) or None,
     )
-    model, tokenizer = load_model(spec)
+
+
+def summary_line(output_dir: str, state, result, start_step: int = 0) -> str:
+    """The closing line. The final train loss is the mean over the steps this run trained (TRL's
+    ``train_loss``; after a resume, only the steps after the checkpoint), then the last logged loss."""
+    trained = result.global_step - start_step
+    steps = f"{trained} of {result.global_step}" if start_step else f"{trained}"
+    logged = [e for e in state.log_history if "loss" in e and "step" in e]
+    last = f"; last logged {logged[-1]['loss']:.4f} at step {logged[-1]['step']}" if logged else ""
+    return (
+        f"keel train: model saved to {output_dir}; final train loss {result.training_loss:.4f} "
+        f"(mean over this run's {steps} steps{last})."
+    )
+
+
+def checkpoint_step(checkpoint: str | None) -> int:
+    if checkpoint is None:
+        return 0
+    return int(json.loads(Path(checkpoint, "trainer_state.json").read_text()).get("global_step", 0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    script_args, training_args, model_args, dataset_args = parse(CONFIG_TYPES, argv, PROG, __doc__)
+    try:
+        return run(script_args, training_args, model_args, dataset_args)
+    except KeelInputError as err:
+        raise SystemExit(f"{PROG}: {err}") from None
+
+
+def run(script_args, training_args, model_args, dataset_args) -> int:
+    if not model_args.model_name_or_path:
+        raise SystemExit(f"{PROG}: give model_name_or_path (a hub id, a local folder or tiny:<model_type>).")
+    record = {
+        "script": config_dict(script_args),
+        "training": config_dict(training_args),
+        "model": config_dict(model_args),
+        "datasets": config_dict(dataset_args),
+    }
+    if "wandb" in (training_args.report_to or []):
+        os.environ.setdefault("WANDB_DIR", training_args.output_dir)
+    resume = resume_target(training_args.resume_from_checkpoint, training_args.output_dir)
+    train_dataset, eval_dataset = load_datasets(script_args, training_args, dataset_args)
+    model, tokenizer = load_model(model_spec(training_args, model_args))
+    # Already applied by load_model; left set, SFTTrainer would warn that it ignores them.
+    training_args.model_init_kwargs = None
     trainer = InterventionSFTTrainer(
         model=model,
         args=training_args,
@@ -84,23 +167,22 @@ def main(argv: list[str] | None = None) -> int:
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    sections = {
-        "script": config_dict(script_args),
-        "training": config_dict(training_args),
-        "model": config_dict(model_args),
-        "datasets": config_dict(dataset_args),
-    }
-    write_config_record(training_args.output_dir, sections)
+    if trainer.is_world_process_zero():
+        record["training"]["resume_from_checkpoint"] = resume
+        write_config_record(training_args.output_dir, record)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json (the log history) beside the model
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.accelerator.print(
+        summary_line(training_args.output_dir, trainer.state, result, checkpoint_step(resume))
+    )
     if "wandb" in (training_args.report_to or []):
-        import wandb
+        import wandb  # the WandbCallback leaves its run open after train()
 
         wandb.finish()
-    trainer.accelerator.print(
-        f"keel train: model saved to {training_args.output_dir}; final train loss {result.training_loss:.4f} "
-        f"after {result.global_step} steps."
-    )
+    trainer.accelerator.end_training()  # what Trainer.end() does (transformers>=5.18): trackers, process group
     return 0
 
 

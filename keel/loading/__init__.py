@@ -9,6 +9,7 @@ honoured it is refused, never silently ignored.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class ModelSpec:
     quantization: object | None = None
     device: str | None = None  # None: leave where from_pretrained puts it (Trainer moves it itself)
     trainable_adapter: bool = False  # load the adapter's weights trainable (resume a LoRA fine-tune)
+    model_kwargs: dict | None = None  # more from_pretrained kwargs (SFTConfig.model_init_kwargs)
 
 
 def is_tiny(name: str) -> bool:
@@ -61,24 +63,53 @@ def resolve_dtype(dtype: str | None, device: str | None) -> torch.dtype | str | 
 
 
 def quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False, model_args=None):
-    """TRL's quantization config for these flags, after checking bitsandbytes is there to honour it."""
+    """TRL's quantization config for these flags, after checking it can be honoured: bitsandbytes is
+    installed, and (with ``model_args``) the model is not a ``tiny:`` one built in memory."""
     if model_args is not None:
         load_in_4bit, load_in_8bit = model_args.load_in_4bit, model_args.load_in_8bit
     if not (load_in_4bit or load_in_8bit):
         return None
+    bits = 4 if load_in_4bit else 8
+    name = getattr(model_args, "model_name_or_path", None)
+    if is_tiny(name):
+        # Checked first: installing bitsandbytes would not help.
+        raise LoadError(_tiny_quantized_message(name, bits))
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        bits = 4 if load_in_4bit else 8
         raise LoadError(
             f"load_in_{bits}bit needs bitsandbytes, which is not installed: pip install 'keel-trl[quant]' "
             f"(or 'bitsandbytes>=0.50'), or drop --load_in_{bits}bit."
         ) from None
-    from trl import ModelConfig, get_quantization_config
+    from trl import ModelConfig, get_quantization_config  # trl's trainer utils take seconds to import
 
     if model_args is None:
         model_args = ModelConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
+    if model_args.dtype in (None, "auto"):
+        # TRL passes dtype on as the 4-bit compute dtype; keel's "auto" is resolved as for the weights.
+        model_args = copy.copy(model_args)
+        model_args.dtype = str(resolve_dtype("auto", None)).removeprefix("torch.")
     return get_quantization_config(model_args)
+
+
+def _tiny_quantized_message(name: str, bits: int | None = None) -> str:
+    flag = f"--load_in_{bits}bit" if bits else "--load_in_4bit/8bit"
+    return (
+        f"{name} is built in memory, so it cannot be loaded quantized. Save it with save_pretrained and pass "
+        f"that folder to test quantized loading, or drop {flag}."
+    )
+
+
+def kbit_device_map(device: str | None):
+    """Where a quantized model is placed at load time (bitsandbytes quantizes on placement; the Trainer
+    does not move quantized models): ``device`` if given, else this process's GPU, else the CPU."""
+    if device is not None:
+        return {"": device}
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return {"": PartialState().local_process_index}
+    return None
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -113,6 +144,11 @@ def load_model(spec: ModelSpec | str, **overrides):
             kwargs["attn_implementation"] = spec.attn_implementation
         if spec.quantization is not None:
             kwargs["quantization_config"] = spec.quantization
+            kwargs["device_map"] = kbit_device_map(spec.device)
+        extra = dict(spec.model_kwargs or {})
+        if isinstance(extra.get("dtype"), str):  # as TRL's create_model_from_path reads it
+            extra["dtype"] = resolve_dtype(extra["dtype"], spec.device)
+        kwargs.update(extra)
         model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, **kwargs)
     if spec.device is not None and spec.quantization is None:
         model = model.to(spec.device)
@@ -128,9 +164,11 @@ def _tiny(spec: ModelSpec, tokenizer):
             f"Unknown tiny model {spec.name_or_path!r}; use tiny:<model_type> with one of {sorted(TINY_CONFIGS)}."
         )
     if spec.quantization is not None:
+        raise LoadError(_tiny_quantized_message(spec.name_or_path))
+    if spec.model_kwargs:
         raise LoadError(
-            f"{spec.name_or_path} is built in memory, so it cannot be loaded quantized. Save it with "
-            "save_pretrained and pass that folder to test quantized loading, or drop --load_in_4bit/8bit."
+            f"{spec.name_or_path} is built from a config, not from_pretrained, so model_init_kwargs "
+            f"{sorted(spec.model_kwargs)} cannot apply; drop them or save the model and load that folder."
         )
     model = tiny_model(arch, tokenizer=tokenizer)
     dtype = resolve_dtype(spec.dtype, spec.device)
@@ -149,36 +187,52 @@ def _with_adapter(model, spec: ModelSpec):
     return model.to(spec.device) if spec.device is not None else model
 
 
-def load_dataset_any(name: str, config: str | None = None, split: str = "train"):
+def load_dataset_any(name: str, config: str | None = None, split: str = "train", streaming: bool = False):
     """One split of a dataset: a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file (its only split is
     ``train``), a folder of such files named by split (``train.jsonl``, ``test.jsonl``), a
-    ``save_to_disk`` folder, or a hub dataset."""
+    ``save_to_disk`` folder, or a hub dataset. ``streaming``: an ``IterableDataset`` instead."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     path = Path(name)
     if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
         data = load_from_disk(str(path))
         dataset = _split(data, split, name) if isinstance(data, DatasetDict) else data
+        if streaming:
+            dataset = dataset.to_iterable_dataset()
     elif path.is_file() or path.is_dir():
-        files = {"train": path} if path.is_file() else {f.stem: f for f in sorted(path.iterdir())}
-        files = {k: f for k, f in files.items() if f.suffix in _FILE_KINDS}
-        kinds = {_FILE_KINDS[f.suffix] for f in files.values()}
-        if len(kinds) != 1:
+        candidates = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+        data_files = [f for f in candidates if f.suffix in _FILE_KINDS]
+        kinds = {_FILE_KINDS[f.suffix] for f in data_files}
+        if len(kinds) != 1 or (path.is_dir() and len({f.stem for f in data_files}) != len(data_files)):
             raise LoadError(
                 f"Cannot read dataset {path}: give a .jsonl, .json, .parquet or .csv file, or a folder of "
-                "such files (one format) named by split, e.g. train.jsonl and test.jsonl."
+                "such files (one format, one file per split) named by split, e.g. train.jsonl and test.jsonl."
             )
+        files = {"train": path} if path.is_file() else {f.stem: f for f in data_files}
         if split not in files:
             raise LoadError(
                 f"Dataset {path} has no split {split!r} (it has {sorted(files)}). A single file is the train "
                 f"split; for an eval split put {split}.jsonl beside train.jsonl in a folder and pass the folder."
             )
-        dataset = load_dataset(kinds.pop(), data_files=str(files[split]), split="train")
+        if files[split].stat().st_size == 0:
+            raise LoadError(_empty_message(name, split))
+        try:
+            dataset = load_dataset(
+                kinds.pop(), data_files=str(files[split]), split="train", streaming=streaming
+            )
+        except ValueError as err:  # a file with no rows (a CSV header alone): "... corresponds to no data!"
+            if "no data" not in str(err):
+                raise
+            raise LoadError(_empty_message(name, split)) from None
     else:
-        dataset = load_dataset(name, name=config, split=split)
-    if len(dataset) == 0:
-        raise LoadError(f"Dataset {name} (split {split!r}) holds no rows; give one with examples.")
+        dataset = load_dataset(name, name=config, split=split, streaming=streaming)
+    if not streaming and len(dataset) == 0:
+        raise LoadError(_empty_message(name, split))
     return dataset
+
+
+def _empty_message(name: str, split: str) -> str:
+    return f"Dataset {name} (split {split!r}) holds no rows; give one with examples."
 
 
 _FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
