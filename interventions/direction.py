@@ -63,7 +63,7 @@ class Direction:
             if m.numel() != self.k:
                 raise DirectionError(f"mean has {m.numel()} entries but the direction has k={self.k} rows.")
             self.mean = m
-        self.validate()
+        self.check_usable()
 
     @property
     def k(self) -> int:
@@ -73,7 +73,7 @@ class Direction:
     def d_model(self) -> int:
         return self.vectors.shape[1]
 
-    def validate(self, d_model: int | None = None) -> None:
+    def check_usable(self, d_model: int | None = None) -> None:
         """Finite, non-zero rows of the right width, or a clear error."""
         v = self.vectors
         if v.shape[0] == 0 or v.shape[1] == 0:
@@ -181,8 +181,15 @@ def save_directions(directions: Sequence[Direction], path: str | Path) -> Path:
         metas.append(d.metadata())
     # Write to temporary names first so a crash never leaves a tensor file without its metadata.
     tmp_t, tmp_m = tensor_path.with_suffix(".tmp-st"), meta_path.with_suffix(".tmp-json")
+    try:  # NaN/Inf would make the sidecar invalid JSON: refuse before writing anything
+        text = json.dumps({"format": "keel.directions/v1", "directions": metas}, indent=2, allow_nan=False)
+    except ValueError:
+        raise DirectionError(
+            f"Direction metadata for {tensor_path} holds NaN or Inf; fix the extraction (or drop that field) "
+            "before saving, so the sidecar stays valid JSON."
+        ) from None
     save_file(tensors, str(tmp_t))
-    tmp_m.write_text(json.dumps({"format": "keel.directions/v1", "directions": metas}, indent=2))
+    tmp_m.write_text(text)
     tmp_t.replace(tensor_path)
     tmp_m.replace(meta_path)
     return tensor_path

@@ -79,7 +79,7 @@ def top_activations(
     **kwargs,
 ) -> list[dict]:
     """Top ``top_k`` max and min projections of pooled tokens on each direction row (see TopActivations)."""
-    direction.validate(hidden_size(model))
+    direction.check_usable(hidden_size(model))
     ex = TopActivations(direction, top_k=top_k, layer=layer, batch_size=batch_size, **kwargs)
     ex.collect(examples, model)
     return ex.results()
@@ -162,7 +162,7 @@ def projection_histograms(
     layer = direction.layer if layer is None else layer
     if layer is None:
         raise DirectionError("The direction records no layer; pass layer=... .")
-    direction.validate(hidden_size(model))
+    direction.check_usable(hidden_size(model))
     projections = {}
     for name, examples in datasets.items():
         pooled = collect_pooled(

@@ -168,7 +168,7 @@ class InterventionSet:
             layers = resolve_layers(layer_spec, num_layers)
             for layer, direction in spec.directions_by_layer(layers, d_model).items():
                 try:
-                    direction.validate(d_model)
+                    direction.check_usable(d_model)
                 except DirectionError as err:
                     raise DirectionError(f"Intervention {spec.name!r} at layer {layer}: {err}") from None
                 vectors, mean, value = _prepare(spec, direction)

@@ -44,6 +44,13 @@ class ReferenceStateCallback(TrainerCallback):
                 self.source.save(folder)
 
 
+def check_datasets(**datasets) -> None:
+    """An empty dataset would surface deep inside TRL as a bare StopIteration: name it here instead."""
+    for name, dataset in datasets.items():
+        if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
+            raise ValueError(f"{name} is empty (0 rows): give it examples, or leave it out.")
+
+
 class InterventionTrainerMixin:
     """Mix into a TRL trainer before the trainer class: ``class X(InterventionTrainerMixin, SFTTrainer)``."""
 

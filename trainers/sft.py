@@ -9,7 +9,7 @@ from trl import SFTConfig, SFTTrainer
 
 from interventions.spec import parse_interventions
 
-from .mixin import InterventionTrainerMixin
+from .mixin import InterventionTrainerMixin, check_datasets
 
 
 @dataclass
@@ -53,5 +53,6 @@ class InterventionSFTTrainer(InterventionTrainerMixin, SFTTrainer):
     """
 
     def __init__(self, *args, interventions=None, intervention_reference_model=None, **kwargs):
+        check_datasets(train_dataset=kwargs.get("train_dataset"), eval_dataset=kwargs.get("eval_dataset"))
         super().__init__(*args, **kwargs)
         self._init_interventions(interventions, intervention_reference_model)

@@ -248,6 +248,12 @@ class FinetuneDiffPCA(ActivationExtractor):
             k = min(self.n_components, n - 1, d)
             if k < 1:
                 raise ExtractionError(f"Layer {layer}: {n} difference rows are too few for PCA; add data.")
+            if not bool(centred.abs().max() > 0):
+                raise ExtractionError(
+                    f"Layer {layer}: the fine-tuned and base activations do not differ (every difference row "
+                    "is zero), so there is no fine-tune direction to find. Check that --finetuned / --adapter "
+                    "is really the fine-tune (an untrained LoRA adapter changes nothing) and not the base model."
+                )
             torch.manual_seed(self.seed + layer)  # svd_lowrank draws a random test matrix
             _, S, V = torch.svd_lowrank(centred, q=min(k + 10, n, d), niter=niter)
             components = V[:, :k].T  # [k, d], orthonormal
@@ -353,7 +359,7 @@ def with_reference_mean(
     layer = direction.layer if layer is None else layer
     if layer is None:
         raise DirectionError("The direction records no layer; pass layer=... .")
-    direction.validate(hidden_size(model))
+    direction.check_usable(hidden_size(model))
     ex = MeanProjection(layers=layer, site=direction.site, pooling=pooling, batch_size=batch_size, **kwargs)
     ex.collect(examples, model)
     mean = direction.vectors.double() @ ex.means.mean(ex.layers[0])

@@ -72,7 +72,7 @@ def test_bad_directions_fail_clearly(tensor, message):
 def test_wrong_width_names_the_model():
     d = Direction(torch.randn(1, 8), model_id="other/model")
     with pytest.raises(DirectionError, match="hidden size is 16.*other/model"):
-        d.validate(16)
+        d.check_usable(16)
 
 
 def test_linearly_dependent_rows_fail():

@@ -235,7 +235,7 @@ def test_wrong_hidden_size_fails_clearly(model, tok, records, tmp_path):
     path = save_directions([wrong], tmp_path / "wrong")
     (loaded,) = load_directions(path)
     with pytest.raises(DirectionError, match="hidden size is 64"):
-        loaded.validate(model.config.hidden_size)
+        loaded.check_usable(model.config.hidden_size)
     with pytest.raises(DirectionError, match="Extract it again"):
         with_reference_mean(model, record_examples(tok, records), loaded)
     with pytest.raises(DirectionError, match="d_model=32"):
