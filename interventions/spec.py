@@ -300,7 +300,8 @@ def parse_interventions(value, what: str = "interventions") -> list[Intervention
         return []
     if isinstance(value, (str, Path)):
         text = str(value)
-        if Path(text).suffix in (".yaml", ".yml", ".json") or Path(text).is_file():
+        inline = text.lstrip().startswith(("[", "{", "-")) or "\n" in text
+        if not inline and (Path(text).suffix in (".yaml", ".yml", ".json") or Path(text).is_file()):
             what, value = text, load_yaml(text)
         else:
             try:

@@ -418,12 +418,6 @@ def test_interventions_from_a_yaml_file_or_inline_list(tmp_path):
     assert "interventions/inline/L1/hits" in _intervention_keys(out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="interventions/spec.py parse_interventions calls Path(text).is_file() on the inline list, which "
-    "raises OSError (file name too long) for a list over 255 characters with no '/'",
-)
 def test_a_long_inline_interventions_list_parses(tmp_path, monkeypatch):
     spec = {"operator": "project_out", "direction": "random:1:1", "layers": [1], "tokens": "completion"}
     inline = json.dumps([dict(spec, name=f"inline_{i}") for i in range(4)])
