@@ -10,11 +10,12 @@ honoured it is refused, never silently ignored.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from interventions.serialization import KeelInputError
 
@@ -123,9 +124,25 @@ def load_tokenizer(spec: ModelSpec):
     source = source or spec.name_or_path
     if is_tiny(source):
         return build_chat_tokenizer()
+    if _plain_fast_tokenizer(source):
+        # transformers 5 would swap in the model type's tokenizer class (e.g. Qwen2Tokenizer, which splits
+        # digits) for a folder whose tokenizer.json says otherwise: load the saved tokenizer as it is.
+        return PreTrainedTokenizerFast.from_pretrained(source)
     return AutoTokenizer.from_pretrained(
         source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
     )
+
+
+def _plain_fast_tokenizer(source: str) -> bool:
+    """A local folder saved from a plain ``PreTrainedTokenizerFast`` (keel's offline tokenizers)."""
+    config = Path(source, "tokenizer_config.json")
+    if not config.is_file() or not Path(source, "tokenizer.json").is_file():
+        return False
+    try:
+        cls = json.loads(config.read_text()).get("tokenizer_class")
+    except json.JSONDecodeError:
+        return False
+    return cls in ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
 def load_model(spec: ModelSpec | str, **overrides):

@@ -195,3 +195,15 @@ def test_streaming_gives_an_iterable_dataset(tmp_path):
     streamed = load_dataset_any(str(data), streaming=True)
     assert isinstance(streamed, IterableDataset)
     assert [r["text"] for r in streamed] == ["row 0", "row 1", "row 2"]
+
+
+def test_a_saved_tiny_model_reloads_with_the_same_tokenizer(tmp_path):
+    """transformers 5 maps a qwen2 folder to Qwen2Tokenizer (which splits digits); the loader keeps the
+    saved tokenizer, so tiny:qwen2 and its saved copy tokenize alike."""
+    model, tokenizer = load_model("tiny:qwen2")
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    _, reloaded = load_model(str(tmp_path / "m"))
+    text = "1 2 3 hello, 42 times"
+    assert reloaded(text).input_ids == tokenizer(text).input_ids
+    assert reloaded.chat_template == tokenizer.chat_template
