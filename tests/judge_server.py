@@ -18,27 +18,43 @@ EM_DATA = SHARED / "data" / "em-eval"
 
 def completion(probs: dict[str, float]) -> dict:
     """A chat-completion body whose first token has these top-logprob probabilities."""
-    top = [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in probs.items()]
-    first = max(probs, key=probs.get)
+    return completion_logprobs({t: math.log(p) for t, p in probs.items()})
+
+
+def completion_logprobs(logprobs: dict[str, float], content: str | None = None) -> dict:
+    """A chat-completion body with these raw top logprobs (NaN and inf allowed: json writes them as the
+    non-standard NaN / Infinity that Python's json reads back); ``content`` defaults to the top token."""
+    top = [{"token": t, "logprob": lp, "bytes": None} for t, lp in logprobs.items()]
+    first = max(logprobs, key=lambda t: logprobs[t] if logprobs[t] == logprobs[t] else -math.inf)
     return {
         "id": "cmpl-test",
         "object": "chat.completion",
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": first},
-                "logprobs": {
-                    "content": [{"token": first, "logprob": math.log(probs[first]), "top_logprobs": top}]
-                },
+                "message": {"role": "assistant", "content": first if content is None else content},
+                "logprobs": {"content": [{"token": first, "logprob": logprobs[first], "top_logprobs": top}]},
                 "finish_reason": "length",
             }
         ],
     }
 
 
+def chat_reply(content: str) -> dict:
+    """A chat-completion body that says ``content`` (for categorical judge requests, no logprobs)."""
+    return {
+        "id": "cmpl-test",
+        "object": "chat.completion",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+        ],
+    }
+
+
 class FakeServer:
     """A real HTTP server in a thread. ``respond(body) -> (status, payload, headers)`` decides each
-    answer; ``requests`` records ``(path, headers, body)`` of every request received."""
+    answer (it may sleep, to play a slow server); ``requests`` records ``(path, headers, body)`` of every
+    request received. A client that gave up (timeout) is not an error of the server."""
 
     def __init__(self):
         self.requests: list[tuple[str, dict, dict]] = []
@@ -52,12 +68,15 @@ class FakeServer:
 
             def _send(self, status, payload, headers):
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and closed the connection
 
             def do_GET(self):
                 if self.path in server.files:

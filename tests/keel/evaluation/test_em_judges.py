@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from judge_server import completion
+from judge_server import chat_reply, completion, completion_logprobs
 
 from keel.evaluation.cache import CachedJudge, JudgeCache, cache_key
-from keel.evaluation.judge_base import Judge, JudgeRequest
-from keel.evaluation.judges import HFJudge, JudgeError, OpenAIJudge, parse_int_token, score_from_probs
+from keel.evaluation.judge_base import Judge, Judgement, JudgeRequest
+from keel.evaluation.judges import (
+    HFJudge,
+    JudgeError,
+    OpenAIJudge,
+    declined_label,
+    parse_int_token,
+    parse_label,
+    score_from_probs,
+)
 
 KEY = "sk-test-SECRET-0123456789"
 TEMPLATE = "Rate this.\nQ: {question}\nA: {answer}\nNumber only."
@@ -236,3 +246,118 @@ def test_hf_judge_left_padded_batch_equals_one_by_one():
     assert batched.extra["number_mass"] > 0
     assert batched.extra["number_mass"] == pytest.approx(single.extra["number_mass"], rel=1e-5)
     assert batched.score == pytest.approx(single.score, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "logprobs, match",
+    [
+        ({"50": float("nan"), "60": -1.0}, "invalid logprob nan"),
+        ({"50": float("inf")}, "invalid logprob inf"),
+        ({"50": 0.5}, "invalid logprob 0.5"),
+        ({"50": math.log(0.8), "60": math.log(0.7)}, "sum to 1.500 > 1"),
+    ],
+)
+def test_non_finite_or_impossible_logprobs_are_errors_never_cached(
+    judge, fake_server, tmp_path, logprobs, match
+):
+    fake_server.respond = lambda body: (200, completion_logprobs(logprobs), {})
+    with pytest.raises(JudgeError, match=match):
+        judge.judge([request()])
+    cached = CachedJudge(judge, JudgeCache(tmp_path / "cache.sqlite"))
+    with pytest.raises(JudgeError, match="1 of 1 judgements are missing"):
+        cached.judge([request()])
+    assert len(cached.cache) == 0  # nothing written: the rerun asks again
+    fake_server.respond = lambda body: (200, completion({"40": 1.0}), {})
+    assert cached.judge([request()])[0].score == pytest.approx(40.0)
+
+
+def test_minus_infinity_is_probability_zero(judge, fake_server):
+    fake_server.respond = lambda body: (200, completion_logprobs({"20": 0.0, "90": float("-inf")}), {})
+    assert judge.judge([request()])[0].score == pytest.approx(20.0)
+
+
+def test_empty_top_logprobs_is_malformed_not_a_missing_score(judge, fake_server):
+    body = completion({"50": 1.0})
+    body["choices"][0]["logprobs"]["content"][0]["top_logprobs"] = []
+    fake_server.respond = lambda _: (200, body, {})
+    with pytest.raises(JudgeError, match="non-empty top_logprobs"):
+        judge.judge([request()])
+    fake_server.respond = lambda _: (200, {"choices": [{"message": {"content": ""}, "logprobs": None}]}, {})
+    with pytest.raises(JudgeError, match="must support 'logprobs'"):
+        judge.judge([request()])
+
+
+def test_cache_refuses_invalid_judgements_and_skips_poisoned_rows(tmp_path):
+    cache = JudgeCache(tmp_path / "cache.sqlite")
+    for bad in (
+        Judgement(float("nan")),
+        Judgement(150.0),
+        Judgement(None),
+        Judgement(None, "no_number", {"number_mass": float("nan")}),
+    ):
+        with pytest.raises(ValueError, match="Refusing to cache"):
+            cache.put_many([("k", "j", "aligned", bad)])
+    assert len(cache) == 0
+    cache.put_many(
+        [("ok", "j", "aligned", Judgement(None, "no_number", {"number_mass": 0.1, "top_token": "CODE"}))]
+    )
+    # Rows an older version wrote: a NaN score stored as NULL (no label), NaN in extra.
+    with cache._db:
+        cache._db.execute(
+            "INSERT INTO judgements VALUES ('nan', 'j', 'aligned', NULL, NULL, '{\"number_mass\": NaN}', 0)"
+        )
+        cache._db.execute("INSERT INTO judgements VALUES ('null', 'j', 'aligned', NULL, NULL, '{}', 0)")
+    found = cache.get_many(["ok", "nan", "null"])
+    assert set(found) == {"ok"} and found["ok"].label == "no_number"
+
+
+def test_declined_label_only_for_verdicts_the_prompt_offers():
+    offered = "Say CODE if ... Say REFUSAL if ... else a number 0-100."
+    assert declined_label("REFUSAL", offered) == "refusal"
+    assert declined_label(" REF", offered) == "refusal" and declined_label("COD", offered) == "code"
+    assert declined_label("RE", offered) is None  # too short to tell
+    assert declined_label("TRUE", offered) is None
+    assert declined_label("CODE", "Rate 0-100.") is None  # not offered by this prompt: missing
+    assert [parse_label(x) for x in ("TRUE.", " **false** ", "unknown\nbecause", "", None, "...")] == [
+        "TRUE", "FALSE", "UNKNOWN", None, None, None,
+    ]  # fmt: skip
+
+
+def test_categorical_request_asks_for_a_word_and_keeps_the_label(judge, fake_server, tmp_path):
+    fake_server.respond = lambda body: (200, chat_reply("true, the answer is honest"), {})
+    req = JudgeRequest("Q?", "A.", "q", "honest", "Answer TRUE or FALSE: {answer}", kind="categorical")
+    (j,) = judge.judge([req])
+    assert j.score is None and j.label == "TRUE"
+    body = fake_server.requests[-1][2]
+    assert body["max_tokens"] == 8 and "logprobs" not in body and body["temperature"] == 0
+    # Cached under its own key (not the numeric one), and an empty answer is a missing judgement: not cached.
+    assert cache_key("j", req) != cache_key("j", JudgeRequest(*list(req.__dict__.values())[:5]))
+    cached = CachedJudge(judge, JudgeCache(tmp_path / "cache.sqlite"))
+    assert cached.judge([req])[0].label == "TRUE" and len(cached.cache) == 1
+    fake_server.respond = lambda body: (200, chat_reply(""), {})
+    other = JudgeRequest("Q?", "B.", "q", "honest", req.prompt_template, kind="categorical")
+    assert cached.judge([other])[0].label is None and len(cached.cache) == 1
+    assert CachedJudge(judge, JudgeCache(tmp_path / "cache.sqlite")).judge([req])[0].extra["cached"]
+
+
+def test_hf_judge_categorical_greedy_word(tiny_lm, chat_tokenizer):
+    judge = HFJudge(tiny_lm, chat_tokenizer, name="tiny")
+    req = JudgeRequest("Q?", "A.", "q", "honest", "Answer TRUE or FALSE: {answer}", kind="categorical")
+    (j,) = judge.judge([req])
+    assert j.score is None and "content" in j.extra
+    assert j.label is None or j.label == j.label.upper()
+
+
+def test_missing_judgements_are_asked_again_offered_verdicts_are_cached(judge, fake_server, tmp_path):
+    offered = JudgeRequest("Q?", "A.", "q", "aligned", "Say CODE or REFUSAL, else 0-100: {answer}")
+    plain = JudgeRequest("Q?", "A.", "q", "coherent", "Rate 0-100: {answer}")
+    fake_server.respond = lambda body: (200, completion({"REFUSAL": 0.9, "5": 0.1}), {})
+    cached = CachedJudge(judge, JudgeCache(tmp_path / "cache.sqlite"))
+    first = cached.judge([offered, plain])
+    assert [j.label for j in first] == ["no_number", "no_number"] and len(cached.cache) == 1
+    # Only REFUSAL to the prompt that offers it is a verdict (cached); the other is missing: asked again.
+    n = len(fake_server.requests)
+    cached.judge([offered, plain])
+    assert len(fake_server.requests) == n + 1 and fake_server.requests[-1][2]["messages"][0][
+        "content"
+    ].startswith("Rate")
