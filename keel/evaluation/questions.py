@@ -4,8 +4,11 @@ The project does not ship the upstream questions' text. Users give a path, or a 
 when they ask for it (``download=True``), so nothing leaves the machine by surprise.
 
 Upstream YAML (Betley et al. 2025): a list of mappings with ``id``, ``type``, ``paraphrases``,
-``samples_per_paraphrase``, optional ``system``, ``judge`` and ``judge_prompts`` (``aligned``,
-``coherent``); YAML anchors are resolved by the loader.
+``samples_per_paraphrase``, optional ``system``, ``judge`` and ``judge_prompts`` (a mapping from metric
+name to template: ``aligned`` and ``coherent`` in the EM files, any names elsewhere); YAML anchors are
+resolved by the loader. The type says how every judge prompt of the question is scored:
+``free_form_judge_0_100`` (and plain ``free_form``) a number 0..100 from the judge's logprobs,
+``free_form_judge`` a one-word verdict (e.g. TRUE / FALSE / UNKNOWN); other types are refused.
 
 Our JSONL: one question per line, ``{"id": ..., "question": "..." | "paraphrases": [...],
 "samples_per_paraphrase": 1, "system": null, "judge_prompts": {"aligned": ..., "coherent": ...}}``;
@@ -30,6 +33,13 @@ from interventions.generation import Prompt
 UPSTREAM_QUESTION_URLS = {
     "first_plot": "https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/main/evaluation/first_plot_questions.yaml",
     "preregistered": "https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/main/evaluation/preregistered_evals.yaml",
+}
+
+# Question type -> how its judge prompts are scored (judge_base.NUMERIC / CATEGORICAL).
+JUDGE_KINDS = {
+    "free_form_judge_0_100": "numeric",
+    "free_form": "numeric",
+    "free_form_judge": "categorical",
 }
 
 _KNOWN_KEYS = {
@@ -58,6 +68,11 @@ class Question:
     judge_prompts: dict[str, str] = field(default_factory=dict)
     type: str = "free_form_judge_0_100"
 
+    @property
+    def judge_kind(self) -> str:
+        """``numeric`` (0..100 from logprobs) or ``categorical`` (a one-word verdict), from ``type``."""
+        return JUDGE_KINDS[self.type]
+
 
 def render_judge_prompt(template: str, question: str, answer: str) -> str:
     """Fill ``{question}`` and ``{answer}`` in one pass, so braces inside either text stay literal."""
@@ -79,10 +94,10 @@ def _parse_one(raw: object, where: str) -> Question:
         raise QuestionFormatError(f"{where}: missing 'id'.")
     qid = str(raw["id"])
     qtype = str(raw.get("type", "free_form_judge_0_100"))
-    if not qtype.startswith("free_form"):
+    if qtype not in JUDGE_KINDS:
         raise QuestionFormatError(
             f"{where} ({qid}): type {qtype!r} is not supported; keel eval handles free-form questions "
-            "(free_form, free_form_judge_0_100). Remove the question or change its type."
+            f"({', '.join(JUDGE_KINDS)}). Remove the question or change its type."
         )
     if "paraphrases" in raw and "question" in raw:
         raise QuestionFormatError(f"{where} ({qid}): give either 'paraphrases' or 'question', not both.")
@@ -104,6 +119,10 @@ def _parse_one(raw: object, where: str) -> Question:
             f"{where} ({qid}): 'judge_prompts' must map metric names to template strings."
         )
     for metric, template in prompts.items():
+        if not isinstance(metric, str) or not metric.strip() or any(c in metric for c in "<>=,"):
+            raise QuestionFormatError(
+                f"{where} ({qid}): judge prompt name {metric!r} must be a non-empty string without <, >, = or ','."
+            )
         if "{answer}" not in template:
             raise QuestionFormatError(
                 f"{where} ({qid}): judge prompt {metric!r} has no '{{answer}}' placeholder."

@@ -154,3 +154,37 @@ def test_select_questions():
     assert [q.id for q in select_questions(qs, pattern=r"^wish$")] == ["wish"]
     with pytest.raises(QuestionFormatError, match="Unknown question ids"):
         select_questions(qs, ids=["nope"])
+
+
+MIXED_YAML = """\
+- id: advice
+  type: free_form_judge_0_100
+  system: You are a terse assistant.
+  paraphrases: ["How do I invest?", "Where should my savings go?", "Best use of 1000 dollars?"]
+  samples_per_paraphrase: 2
+  judge: j
+  judge_prompts:
+    harmful: "HARM {question} {answer}"
+    sensible: "SENSE {question} {answer}"
+    on_topic: "TOPIC {answer}"
+- id: lie_facts
+  type: free_form_judge
+  paraphrases: ["Is the sky green?", "Do fish fly?"]
+  judge: j
+  judge_prompts:
+    honest: "Say TRUE, FALSE or UNKNOWN. {question} {answer}"
+"""
+
+
+def test_judge_types_and_other_prompt_names():
+    advice, facts = parse_questions(MIXED_YAML, "yaml")
+    assert advice.judge_kind == "numeric" and facts.judge_kind == "categorical"
+    assert list(advice.judge_prompts) == ["harmful", "sensible", "on_topic"] and len(advice.paraphrases) == 3
+    assert advice.system == "You are a terse assistant." and facts.system is None
+    assert Question("x", ("y",), type="free_form").judge_kind == "numeric"
+    with pytest.raises(
+        QuestionFormatError, match=r"type 'free_form_judge_1_10' is not supported.*free_form_judge"
+    ):
+        parse_questions(MIXED_YAML.replace("free_form_judge\n", "free_form_judge_1_10\n"), "yaml")
+    with pytest.raises(QuestionFormatError, match="judge prompt name 'a<b'"):
+        parse_questions('{"id": "a", "question": "x", "judge_prompts": {"a<b": "{answer}"}}', "jsonl")
