@@ -31,7 +31,7 @@ from interventions.serialization import KeelInputError, load_yaml
 from interventions.spec import parse_interventions
 from keel.evaluation.cache import CachedJudge, JudgeCache
 from keel.evaluation.judge_base import NUMERIC
-from keel.evaluation.judges import HFJudge, JudgeError, OpenAIJudge
+from keel.evaluation.judges import HFJudge, JudgeError, OpenAIJudge, RuleFileError, RuleJudge
 from keel.evaluation.metrics import (
     Thresholds,
     compute_metrics,
@@ -66,7 +66,8 @@ from .common import parse
 
 JUDGE_HELP = (
     "openai (model from the question file), openai:MODEL (any OpenAI-compatible endpoint, see "
-    "--judge-base-url), hf:PATH (a local HF model as judge), or none (generate only)."
+    "--judge-base-url), hf:PATH (a local HF model as judge), rules:FILE.yaml (deterministic regex rules per "
+    "judge prompt name, no model or network: keel.evaluation.judges.RuleJudge), or none (generate only)."
 )
 _VLLM_HOOKS = (
     "the vLLM backend cannot apply hook-based interventions (it generates outside the hooked HF "
@@ -170,7 +171,9 @@ class EvalArguments:
     )
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the CIs."})
     report_to: str = field(default="none", metadata={"help": "none or wandb."})
-    wandb_project: str = field(default="keel", metadata={"help": "W&B project."})
+    wandb_project: str | None = field(
+        default=None, metadata={"help": "W&B project (default: WANDB_PROJECT, else keel)."}
+    )
     run_name: str | None = field(
         default=None, metadata={"help": "Run name (default: the --output_dir folder's parent)."}
     )
@@ -219,6 +222,7 @@ class _Plan:
     interventions_fp: dict | None = None
     answer_rows: list | None = None
     answers_sha: str | None = None
+    rule_judge: RuleJudge | None = None  # --judge rules:FILE, read and checked before any model loads
 
     def fingerprint(self, args: EvalArguments) -> tuple[dict, dict | None]:
         """What decides the answers and what decides the judgements (see keel.evaluation.rundir)."""
@@ -240,6 +244,8 @@ class _Plan:
             "base_url": args.judge_base_url.rstrip("/") if self.judge_kind == "openai" else None,
             "judge_prompts_sha256": self.judge_prompts_sha,
         }
+        if self.rule_judge is not None:  # an edited rules file is another judge
+            judging["rules_sha256"] = self.rule_judge.sha256
         return generation, judging
 
 
@@ -254,7 +260,7 @@ def _judge_spec(args: EvalArguments, questions) -> tuple[str, str]:
                 _fail(f"the question file names judges {sorted(names) or 'none'}; pass --judge openai:MODEL.")
             name = names.pop()
         return kind, name
-    if kind == "hf" and name:
+    if kind in ("hf", "rules") and name:
         return kind, name
     _fail(f"unknown --judge {args.judge!r}; use {JUDGE_HELP}")
 
@@ -262,6 +268,8 @@ def _judge_spec(args: EvalArguments, questions) -> tuple[str, str]:
 def _make_judge(args: EvalArguments, plan: _Plan):
     if plan.judge_kind == "none":
         return None
+    if plan.judge_kind == "rules":
+        return plan.rule_judge
     if plan.judge_kind == "openai":
         key_env = None if args.judge_api_key_env.lower() in ("", "none") else args.judge_api_key_env
         try:
@@ -427,6 +435,12 @@ def _preflight(args: EvalArguments, out: Path) -> _Plan:
             plan.kinds = metric_kinds(by_question)
         except ValueError as e:
             _fail(str(e))
+        if plan.judge_kind == "rules":
+            try:
+                plan.rule_judge = RuleJudge.from_file(plan.judge_name)
+                plan.rule_judge.check_plan(plan.kinds)
+            except RuleFileError as e:
+                _fail(f"--judge rules: {e}")
         plan.criteria = _check_criteria(args, plan.kinds, by_question)
     if args.report_to == "wandb":
         problem = wandb_ready()
@@ -602,7 +616,9 @@ def _execute(args: EvalArguments, plan: _Plan, judge, folder: RunFolder, keep: b
     atomic_write_text(out / "config.json", json.dumps(config, indent=2))
     if args.report_to == "wandb":
         folder.update(stage="reporting")
-        log_wandb(scored, metrics, config, args.wandb_project, run_name, out)
+        log_wandb(
+            scored, metrics, config, args.wandb_project, run_name, out, evaluated=[args.adapter, args.model]
+        )
     folder.complete([ANSWERS, "scores.jsonl", "metrics.json", "summary.md", "config.json"])
     return metrics
 

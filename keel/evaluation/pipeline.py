@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from interventions.serialization import read_jsonl, write_jsonl  # noqa: F401  (the run's files)
+from interventions.tracking import read_run_record, start_run, write_run_record
 from keel.evaluation.cache import CachedJudge
 from keel.evaluation.judge_base import CATEGORICAL, NO_NUMBER, JudgeRequest
 from keel.evaluation.judges import declined_label
@@ -342,25 +343,41 @@ def wandb_ready() -> str | None:
 
 
 def log_wandb(
-    rows: list[dict], metrics: dict, config: dict, project: str, run_name: str | None, out_dir: Path
+    rows: list[dict],
+    metrics: dict,
+    config: dict,
+    project: str | None,
+    run_name: str | None,
+    out_dir: Path,
+    evaluated: list[str | Path | None] = (),
 ) -> str:
-    """Log the answers with their scores as a W&B Table, and the overall metrics. Works with
-    WANDB_MODE=offline and no key. Returns the run's directory."""
-    try:
-        import wandb
-    except ImportError as e:
-        raise ImportError("--report-to wandb needs wandb: pip install wandb, or use --report-to none.") from e
-    wandb_dir = os.environ.get("WANDB_DIR", str(out_dir))
-    run = wandb.init(project=project, name=run_name, config=config, job_type="eval", dir=wandb_dir)
+    """Log the answers with their scores as a W&B Table, and the overall metrics, in a ``job_type=eval``
+    run that follows keel's conventions (interventions.tracking). When a folder in ``evaluated`` (the
+    model or adapter) holds a training run's ``wandb_run.json``, the eval run joins that run's group and
+    records its id, so an evaluation is linked to the fine-tune it evaluates. Works offline with no key.
+    Returns the run's directory."""
+    train_run = next((r for r in map(read_run_record, evaluated) if r), None)
+    group = train_run.get("group") if train_run else None
+    if train_run:
+        config = {**config, "train_run_id": train_run.get("id"), "train_run_name": train_run.get("name")}
+    folder = os.environ.get("WANDB_DIR", str(out_dir))
+    run = start_run(folder, "eval", config=config, project=project, group=group, name=run_name)
     try:
         present = {k for r in rows for k in r}
         columns = [c for c in _COLUMN_ORDER if c in present] + sorted(present - set(_COLUMN_ORDER))
-        table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+        table = wandb_table(columns, [[r.get(c) for c in columns] for r in rows])
         run.log({"eval/answers": table, **wandb_summary(metrics)})
         run.summary["eval/metrics"] = metrics
+        write_run_record(out_dir, run)
         return run.dir
     finally:
         run.finish()
+
+
+def wandb_table(columns: list[str], data: list[list]):
+    import wandb
+
+    return wandb.Table(columns=columns, data=data)
 
 
 _COLUMN_ORDER = [

@@ -8,6 +8,7 @@ import json
 import pytest
 from judge_server import chat_reply, completion
 
+from interventions.tracking import read_offline_run
 from keel.commands.eval import main
 
 KEY = "sk-e2e-VERY-SECRET-key-42"
@@ -55,6 +56,10 @@ def test_eval_end_to_end_with_wandb_offline(tmp_path, saved_model, fake_server, 
     fake_server.respond = judge_reply
     qpath = tmp_path / "questions.yaml"
     qpath.write_text(QUESTIONS)
+    # the training run that made the model, as keel's trainer records it
+    (saved_model / "wandb_run.json").write_text(
+        json.dumps({"id": "train123", "group": "sweep-x", "name": "none-seed0"})
+    )
     out = tmp_path / "runs" / "tiny" / "eval"
     args = [
         "--model", str(saved_model),
@@ -97,6 +102,10 @@ def test_eval_end_to_end_with_wandb_offline(tmp_path, saved_model, fake_server, 
     runs = list((tmp_path / "wandb_home").glob("wandb/offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].rglob("*answers*.table.json"))  # the W&B Table of answers with scores
+    info = read_offline_run(runs[0])  # keel's conventions, linked to the training run it evaluates
+    assert (info["project"], info["job_type"], info["group"]) == ("keel", "eval", "sweep-x")
+    assert info["config"]["train_run_id"] == "train123"
+    assert json.loads((out / "wandb_run.json").read_text())["job_type"] == "eval"
 
     # Re-scoring the saved answers costs nothing: every judgement comes from the cache (via the keel CLI).
     from keel.cli import main as keel
