@@ -3,6 +3,8 @@
 Only public seams are overridden (``train``, ``training_step``, ``prediction_step``, ``evaluate``,
 ``log``). Hooks are registered once per ``train()``/``evaluate()`` call and switched by phase; the
 token masks come from the batch (``labels != -100`` is the completion), never from tensor indices.
+A projection monitor (``projection_monitor``, see :mod:`trainers.monitoring`) runs from a callback after
+optimizer steps and logs through ``log``.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from interventions import Intervention, InterventionSet
 from interventions.reference import ReferenceSource
 from interventions.tracking import record_direction_lineage
+
+from .monitoring import ProjectionMonitor, examples_from_dataset, parse_projection_monitor, tokenize_rows
 
 
 class DirectionLineageCallback(TrainerCallback):
@@ -44,6 +48,24 @@ class ReferenceStateCallback(TrainerCallback):
                 self.source.save(folder)
 
 
+class ProjectionMonitorCallback(TrainerCallback):
+    """Runs the trainer's projection monitor at train begin (step 0, or the step a resumed run starts at, when
+    due) and after every optimizer step it is due (multiples of ``every`` and the last step)."""
+
+    def __init__(self, trainer: InterventionTrainerMixin):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._monitor_train_begin()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        monitor = self.trainer.projection_monitor
+        if monitor is not None and monitor.due(state.global_step, state.max_steps):
+            # DefaultFlowCallback (first in the list) has decided whether this step logs: merge into that
+            # entry, or log the measurement as an entry of its own at this step.
+            self.trainer._monitor_measure(log_now=not control.should_log)
+
+
 def check_datasets(**datasets) -> None:
     """An empty dataset would surface deep inside TRL as a bare StopIteration: name it here instead."""
     for name, dataset in datasets.items():
@@ -55,8 +77,10 @@ class InterventionTrainerMixin:
     """Mix into a TRL trainer before the trainer class: ``class X(InterventionTrainerMixin, SFTTrainer)``."""
 
     intervention_set: InterventionSet
+    projection_monitor: ProjectionMonitor | None = None
+    _monitor_pending: dict[str, float] | None = None
 
-    def _init_interventions(self, interventions, reference_model=None) -> None:
+    def _init_interventions(self, interventions, reference_model=None, projection_monitor=None) -> None:
         specs = interventions if interventions is not None else getattr(self.args, "interventions", None)
         layers_path = getattr(self.args, "intervention_layers_path", None)
         self.intervention_set = InterventionSet(self.model, specs or [], layers_path=layers_path)
@@ -69,6 +93,97 @@ class InterventionTrainerMixin:
         refs = [i.wandb_artifact for i in self.intervention_set.interventions if i.wandb_artifact]
         if refs:
             self.add_callback(DirectionLineageCallback(refs))
+        self._init_projection_monitor(projection_monitor)
+
+    # --- projection monitoring ---------------------------------------------------------------------
+    def _init_projection_monitor(self, monitor) -> None:
+        """``monitor`` (a ProjectionMonitor, config or mapping) overrides ``args.projection_monitor``."""
+        if monitor is None:
+            monitor = getattr(self.args, "projection_monitor", None)
+        if monitor is None:
+            self.projection_monitor = None
+            return
+        if not isinstance(monitor, ProjectionMonitor):
+            monitor = ProjectionMonitor.from_config(parse_projection_monitor(monitor))
+        layers_path = getattr(self.args, "intervention_layers_path", None)
+        monitor.bind(self.model, layers_path)  # a bad direction fails here, before training starts
+        if monitor.batches is None:
+            monitor.set_examples(self._monitor_examples(monitor), pad_token_id=self._monitor_pad_id())
+        self.projection_monitor = monitor
+        self.add_callback(ProjectionMonitorCallback(self))
+
+    def _monitor_examples(self, monitor: ProjectionMonitor) -> list[dict]:
+        rows = monitor.load_rows()
+        args = self.args
+        if rows is not None:
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+            if tokenizer is None:
+                raise ValueError(
+                    "projection_monitor.data needs the trainer's processing_class to tokenize it."
+                )
+            return tokenize_rows(
+                rows,
+                tokenizer,
+                chat_template=getattr(self, "chat_template", None),
+                assistant_only_loss=bool(getattr(args, "assistant_only_loss", False)),
+                # the setting as given (None: prompt rows are prompt-completion data, as TRL would treat
+                # them), not the trainer's, which TRL resolves from the train dataset's format
+                completion_only_loss=getattr(args, "completion_only_loss", None),
+                max_length=getattr(args, "max_length", None),
+                truncation_mode=getattr(args, "truncation_mode", "keep_start"),
+                where=monitor.config.data or "projection_monitor rows",
+            )
+        dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
+        if isinstance(dataset, dict):
+            dataset = next(iter(dataset.values()))
+        if dataset is None:
+            raise ValueError(
+                "projection_monitor has no data and the trainer no dataset: set projection_monitor.data."
+            )
+        return examples_from_dataset(dataset, monitor.config.max_examples)
+
+    def _monitor_pad_id(self) -> int:
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        for pad in (
+            getattr(self.data_collator, "pad_token_id", None),
+            getattr(tokenizer, "pad_token_id", None),
+        ):
+            if isinstance(pad, int):
+                return pad
+        return 0  # padding is masked out: any id will do
+
+    def _monitor_path(self) -> Path:
+        return Path(self.args.output_dir) / ProjectionMonitor.FILE_NAME
+
+    def _monitor_train_begin(self) -> None:
+        self._monitor_pending = None
+        if self.projection_monitor is None:
+            return
+        step = self.state.global_step
+        if self.is_world_process_zero():
+            self.projection_monitor.truncate_log(self._monitor_path(), before_step=step)
+        if self.projection_monitor.due(step, self.state.max_steps):
+            self._monitor_measure(log_now=True)
+
+    def _monitor_measure(self, log_now: bool) -> None:
+        """Measure at the current step (every process measures the whole monitor set: same weights and data,
+        same numbers, no collective to match), write the curve file on the main process, and log."""
+        monitor, step = self.projection_monitor, self.state.global_step
+        values = monitor.measure(
+            self.model, self.intervention_set, step, reference=self.intervention_reference
+        )
+        if self.is_world_process_zero():
+            monitor.append_log(self._monitor_path(), step, values, epoch=self.state.epoch)
+        metrics = {f"{monitor.PREFIX}{key}": value for key, value in values.items()}
+        if self._monitor_pending:  # never flushed (should not happen): do not lose it
+            Trainer.log(self, self._monitor_pending)
+        self._monitor_pending = None
+        if log_now:
+            # An entry of its own at this step, through Trainer.log (not the subclasses' log, which would
+            # drain the training metrics they average between logging steps).
+            Trainer.log(self, metrics)
+        else:
+            self._monitor_pending = metrics
 
     @property
     def interventions(self) -> list[Intervention]:
@@ -135,6 +250,9 @@ class InterventionTrainerMixin:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._monitor_pending and self.model.training:
+            logs.update(self._monitor_pending)  # measured at this step, just before this log
+            self._monitor_pending = None
         prefix = "interventions/" if self.model.training else "eval_interventions/"
         # Under DDP every process measured its own shard: sum the raw sums so the logged means cover the
         # global batch (log runs on every process at the same step).

@@ -10,6 +10,7 @@ from trl import SFTConfig, SFTTrainer
 from interventions.spec import parse_interventions
 
 from .mixin import InterventionTrainerMixin, check_datasets
+from .monitoring import parse_projection_monitor
 
 
 @dataclass
@@ -28,11 +29,22 @@ class InterventionSFTConfig(SFTConfig):
         default=None,
         metadata={"help": "Dotted path of the decoder-layer list, for architectures keel does not know."},
     )
+    projection_monitor: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Projection monitoring (the fine-tuning shift along directions, interventions on and off, "
+            "logged as monitor/<name>/L<layer>/on|off|abs_on|abs_off and written to "
+            "<output_dir>/projection_monitor.jsonl): a mapping with keys directions (a list of mappings with "
+            "keys name, direction, site, layers, direction_layer, components), every, data, max_examples, "
+            "batch_size, tokens; on the command line a YAML/JSON mapping or the path of a YAML file holding one."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
         # Fail at config time on unknown keys or bad values, not after the model is loaded.
         self.interventions = parse_interventions(self.interventions)
+        self.projection_monitor = parse_projection_monitor(self.projection_monitor)
 
     def to_dict(self):
         out = super().to_dict()
@@ -41,6 +53,7 @@ class InterventionSFTConfig(SFTConfig):
         out["intervention_direction_files"] = {
             i.name: i.direction_fingerprint() for i in self.interventions if i.direction_fingerprint()
         }
+        out["projection_monitor"] = self.projection_monitor.to_dict() if self.projection_monitor else None
         return out
 
 
@@ -50,9 +63,13 @@ class InterventionSFTTrainer(InterventionTrainerMixin, SFTTrainer):
     ``interventions`` (specs or mappings) overrides ``args.interventions`` when given.
     ``intervention_reference_model``: the reference for reference_ablate / resample_ablate; by default a
     frozen copy of the model as passed in (for PEFT models: the same model with adapters off).
+    ``projection_monitor``: a :class:`trainers.ProjectionMonitor` (or its config mapping) overriding
+    ``args.projection_monitor``.
     """
 
-    def __init__(self, *args, interventions=None, intervention_reference_model=None, **kwargs):
+    def __init__(
+        self, *args, interventions=None, intervention_reference_model=None, projection_monitor=None, **kwargs
+    ):
         check_datasets(train_dataset=kwargs.get("train_dataset"), eval_dataset=kwargs.get("eval_dataset"))
         super().__init__(*args, **kwargs)
-        self._init_interventions(interventions, intervention_reference_model)
+        self._init_interventions(interventions, intervention_reference_model, projection_monitor)
