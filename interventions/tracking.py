@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -216,7 +217,7 @@ def record_direction_lineage(refs: Sequence[str]) -> None:
             wandb.run.use_artifact(ref)
 
 
-def read_offline_run(run_folder: str | Path) -> dict:
+def read_offline_run(run_folder: str | Path, wait: float = 10.0) -> dict:
     """What an offline W&B run folder (``wandb/offline-run-*``) recorded: project, group, job_type, tags,
     name, config, and the artifacts it logged or used; read from its ``.wandb`` log without a server
     (for tests, and to check a run before ``wandb sync``)."""
@@ -225,8 +226,25 @@ def read_offline_run(run_folder: str | Path) -> dict:
     files = sorted(Path(run_folder).glob("run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"{run_folder} holds no run-*.wandb file; pass a wandb/offline-run-* folder.")
-    info: dict = {"config": {}, "logged_artifacts": [], "used_artifacts": [], "history": []}
-    for data in _log_records(files[0].read_bytes()):
+    deadline = time.time() + wait
+    while True:  # wandb's writer process may still be flushing a run that just finished
+        records = _log_records(files[0].read_bytes())
+        kinds = set()
+        for data in records:
+            record = pb.Record()
+            record.ParseFromString(data)
+            kinds.add(record.WhichOneof("record_type"))
+        if "exit" in kinds or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    info: dict = {
+        "config": {},
+        "logged_artifacts": [],
+        "used_artifacts": [],
+        "history": [],
+        "finished": "exit" in kinds,
+    }
+    for data in records:
         record = pb.Record()
         record.ParseFromString(data)
         kind = record.WhichOneof("record_type")
@@ -241,10 +259,10 @@ def read_offline_run(run_folder: str | Path) -> dict:
                 id=r.run_id,
             )
             for item in r.config.update:
-                info["config"][item.key] = json.loads(item.value_json)
+                info["config"][_item_key(item)] = json.loads(item.value_json)
         elif kind == "config":
             for item in record.config.update:
-                info["config"][item.key] = json.loads(item.value_json)
+                info["config"][_item_key(item)] = json.loads(item.value_json)
         elif kind == "artifact":
             info["logged_artifacts"].append({"name": record.artifact.name, "type": record.artifact.type})
         elif kind == "use_artifact":
@@ -252,11 +270,17 @@ def read_offline_run(run_folder: str | Path) -> dict:
                 {"name": record.use_artifact.name, "type": record.use_artifact.type}
             )
         elif kind == "history":
-            info["history"].append({item.key: json.loads(item.value_json) for item in record.history.item})
+            info["history"].append(
+                {_item_key(item): json.loads(item.value_json) for item in record.history.item}
+            )
     for key, value in list(info["config"].items()):  # wandb nests each config value as {"value": ...}
         if isinstance(value, dict) and set(value) == {"value"}:
             info["config"][key] = value["value"]
     return info
+
+
+def _item_key(item) -> str:
+    return item.key or "/".join(item.nested_key)
 
 
 def _log_records(data: bytes) -> list[bytes]:

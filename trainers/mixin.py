@@ -17,8 +17,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from interventions import Intervention, InterventionSet
 from interventions.reference import ReferenceSource
-from interventions.tracking import record_direction_lineage
+from interventions.tracking import (
+    intervention_tags,
+    record_direction_lineage,
+    start_run,
+    use_direction_files,
+    write_run_record,
+)
 
+from .distributed import check_distributed_setup
 from .monitoring import ProjectionMonitor, examples_from_dataset, parse_projection_monitor, tokenize_rows
 
 
@@ -190,6 +197,7 @@ class InterventionTrainerMixin:
         return self.intervention_set.interventions
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        check_distributed_setup(self)  # FSDP/DeepSpeed asked for but accelerate runs DDP: raise (distributed.py)
         if resume_from_checkpoint and self.intervention_reference is not None:
             folder = resume_from_checkpoint
             if folder is True:
@@ -200,8 +208,34 @@ class InterventionTrainerMixin:
                     "continues with fresh row shifts, so the resumed run will not equal an uninterrupted one.",
                     stacklevel=2,
                 )
+        self._start_wandb_run()
         with self.intervention_set:
             return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _start_wandb_run(self) -> None:
+        """keel's W&B conventions (interventions.tracking) for the run TRL's WandbCallback then reuses:
+        project, group, job_type train, tags, a readable name, direction files as artifacts, and the run's
+        identity in ``output_dir/wandb_run.json`` for the evaluation that follows."""
+        args = self.args
+        if "wandb" not in (args.report_to or []) or not self.is_world_process_zero():
+            return
+        specs = self.intervention_set.interventions
+        run = start_run(
+            args.output_dir,
+            "train",
+            config=args.to_dict(),
+            name=args.run_name
+            if args.run_name not in (None, args.output_dir)
+            else Path(args.output_dir).name,
+            project=getattr(args, "wandb_project", None),
+            group=getattr(args, "wandb_group", None),
+            tags=[*intervention_tags(specs), *(getattr(args, "wandb_tags", None) or [])],
+        )
+        paths = sorted(
+            {str(s.direction_path) for s in specs if s.direction_path and s.direction_path.is_file()}
+        )
+        use_direction_files(run, paths)
+        write_run_record(args.output_dir, run)
 
     def evaluate(self, *args, **kwargs):
         with self.intervention_set:

@@ -29,6 +29,18 @@ class InterventionSFTConfig(SFTConfig):
         default=None,
         metadata={"help": "Dotted path of the decoder-layer list, for architectures keel does not know."},
     )
+    wandb_project: str | None = field(
+        default=None,
+        metadata={"help": "W&B project when report_to has wandb (default: WANDB_PROJECT, else keel)."},
+    )
+    wandb_group: str | None = field(
+        default=None,
+        metadata={"help": "W&B group (default: WANDB_RUN_GROUP, which keel sweep sets to the sweep's name)."},
+    )
+    wandb_tags: list[str] | None = field(
+        default=None,
+        metadata={"help": "Extra W&B tags (keel adds operators, layers, and a sweep's condition/seed)."},
+    )
     projection_monitor: dict | str | None = field(
         default=None,
         metadata={
