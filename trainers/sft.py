@@ -2,71 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from trl import SFTConfig, SFTTrainer
 
-from interventions.spec import parse_interventions
-
+from .config import InterventionArguments
 from .mixin import InterventionTrainerMixin, check_datasets
-from .monitoring import parse_projection_monitor
 
 
 @dataclass
-class InterventionSFTConfig(SFTConfig):
-    """``SFTConfig`` plus the interventions to apply (a list of mappings, as in a YAML recipe)."""
-
-    interventions: list[Any] | str | None = field(
-        default=None,
-        metadata={
-            "help": "Interventions to apply: a list of mappings with keys operator, direction, site, layers, "
-            "tokens, phases, coefficient, schedule, value, components, direction_layer, name; on the command "
-            "line a YAML/JSON list ('[]' for none) or the path of a YAML file holding one."
-        },
-    )
-    intervention_layers_path: str | None = field(
-        default=None,
-        metadata={"help": "Dotted path of the decoder-layer list, for architectures keel does not know."},
-    )
-    wandb_project: str | None = field(
-        default=None,
-        metadata={"help": "W&B project when report_to has wandb (default: WANDB_PROJECT, else keel)."},
-    )
-    wandb_group: str | None = field(
-        default=None,
-        metadata={"help": "W&B group (default: WANDB_RUN_GROUP, which keel sweep sets to the sweep's name)."},
-    )
-    wandb_tags: list[str] | None = field(
-        default=None,
-        metadata={"help": "Extra W&B tags (keel adds operators, layers, and a sweep's condition/seed)."},
-    )
-    projection_monitor: dict | str | None = field(
-        default=None,
-        metadata={
-            "help": "Projection monitoring (the fine-tuning shift along directions, interventions on and off, "
-            "logged as monitor/<name>/L<layer>/on|off|abs_on|abs_off and written to "
-            "<output_dir>/projection_monitor.jsonl): a mapping with keys directions (a list of mappings with "
-            "keys name, direction, site, layers, direction_layer, components), every, data, max_examples, "
-            "batch_size, tokens; on the command line a YAML/JSON mapping or the path of a YAML file holding one."
-        },
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        # Fail at config time on unknown keys or bad values, not after the model is loaded.
-        self.interventions = parse_interventions(self.interventions)
-        self.projection_monitor = parse_projection_monitor(self.projection_monitor)
-
-    def to_dict(self):
-        out = super().to_dict()
-        out["interventions"] = [i.to_dict() for i in self.interventions]
-        # Which direction files the run read, byte for byte (lands in the W&B config and the run record).
-        out["intervention_direction_files"] = {
-            i.name: i.direction_fingerprint() for i in self.interventions if i.direction_fingerprint()
-        }
-        out["projection_monitor"] = self.projection_monitor.to_dict() if self.projection_monitor else None
-        return out
+class InterventionSFTConfig(InterventionArguments, SFTConfig):
+    """``SFTConfig`` plus keel's settings (:class:`trainers.config.InterventionArguments`)."""
 
 
 class InterventionSFTTrainer(InterventionTrainerMixin, SFTTrainer):
