@@ -20,6 +20,7 @@ COMMANDS = {
         "the synthetic EM organism: build, extract, fine-tune under conditions, compare",
     ),
     "compare": ("keel.commands.compare", "compare conditions over seeds: t-intervals, ratios, control flags"),
+    "bake": ("keel.commands.bake", "bake a static ablation into weights; steering vectors to/from GGUF"),
 }
 
 

@@ -10,6 +10,7 @@ OPTIONS = {
     "extract": ["judged", "finetune-diff", "inspect"],
     "demo": ["--output_dir", "--seeds", "--conditions", "--config"],
     "compare": ["--output_dir", "--baseline"],
+    "bake": ["--output_dir", "--direction", "--gguf_out"],
 }
 
 
