@@ -21,6 +21,7 @@ COMMANDS = {
     ),
     "compare": ("keel.commands.compare", "compare conditions over seeds: t-intervals, ratios, control flags"),
     "bake": ("keel.commands.bake", "bake a static ablation into weights; steering vectors to/from GGUF"),
+    "sweep": ("keel.commands.sweep", "train + evaluate a recipe: conditions x seeds (then keel compare)"),
 }
 
 

@@ -11,6 +11,7 @@ OPTIONS = {
     "demo": ["--output_dir", "--seeds", "--conditions", "--config"],
     "compare": ["--output_dir", "--baseline"],
     "bake": ["--output_dir", "--direction", "--gguf_out"],
+    "sweep": ["--output_dir", "--executor", "--dry_run"],
 }
 
 
