@@ -17,7 +17,8 @@ every run's jobs also run)::
       ablate: {interventions: [{operator: project_out, direction: dirs.safetensors, layers: all}]}
       random_ablate: {interventions: [...], control: true}   # a control: flagged when it moves a metric
       slow: {overrides: {learning_rate: 1.0e-5}}             # recipe keys, replaced
-    evaluation:                         # `keel eval` options; model, adapter, output_dir are per run
+    evaluation:                         # `keel eval` options (null: train only); model, adapter, output_dir
+                                        # are per run, seed is the run's unless given
       questions: recipes/data/tiny_questions.yaml
       judge: rules:recipes/data/tiny_judge_rules.yaml
     executor: sequential                # sequential | pool (workers processes) | submitit
