@@ -9,7 +9,9 @@ optimizer steps and logs through ``log``.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
@@ -27,6 +29,7 @@ from interventions.tracking import (
 
 from .distributed import check_distributed_setup
 from .monitoring import ProjectionMonitor, examples_from_dataset, parse_projection_monitor, tokenize_rows
+from .passes import PassRouter
 
 
 class DirectionLineageCallback(TrainerCallback):
@@ -84,6 +87,8 @@ class InterventionTrainerMixin:
     """Mix into a TRL trainer before the trainer class: ``class X(InterventionTrainerMixin, SFTTrainer)``."""
 
     intervention_set: InterventionSet
+    # DPO/GRPO: switches the set to each pass's phase (reference, generate; trainers.passes). None for SFT.
+    intervention_passes: PassRouter | None = None
     projection_monitor: ProjectionMonitor | None = None
     _monitor_pending: dict[str, float] | None = None
 
@@ -209,7 +214,7 @@ class InterventionTrainerMixin:
                     stacklevel=2,
                 )
         self._start_wandb_run()
-        with self.intervention_set:
+        with self.intervention_set, self._passes():
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _start_wandb_run(self) -> None:
@@ -238,8 +243,11 @@ class InterventionTrainerMixin:
         write_run_record(args.output_dir, run)
 
     def evaluate(self, *args, **kwargs):
-        with self.intervention_set:
+        with self.intervention_set, self._passes():
             return super().evaluate(*args, **kwargs)
+
+    def _passes(self):
+        return self.intervention_passes if self.intervention_passes is not None else contextlib.nullcontext()
 
     def _set_batch(self, inputs) -> None:
         self.intervention_set.set_batch(
@@ -255,9 +263,11 @@ class InterventionTrainerMixin:
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # The backward (and gradient checkpointing's recompute) runs inside this call, so the hooks'
-        # phase, masks and reference activations cover forward and backward alike.
-        self._set_batch(inputs)
-        self._set_reference(inputs, "train")
+        # phase, masks and reference activations cover forward and backward alike. GRPO's inputs are prompts
+        # (generation runs inside the step): its passes set their own masks (trainers.passes).
+        if isinstance(inputs, Mapping):
+            self._set_batch(inputs)
+            self._set_reference(inputs, "train")
         self.intervention_set.set_step(self.state.global_step)
         self.intervention_set.collect_stats = self._logs_this_step()
         with self.intervention_set.phase("train"):
@@ -278,8 +288,9 @@ class InterventionTrainerMixin:
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         self.intervention_set.collect_stats = True
-        self._set_batch(inputs)
-        self._set_reference(inputs, "eval")
+        if isinstance(inputs, Mapping):
+            self._set_batch(inputs)
+            self._set_reference(inputs, "eval")
         with self.intervention_set.phase("eval"):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
