@@ -8,6 +8,7 @@ from typing import Any
 from interventions.spec import parse_interventions
 
 from .monitoring import parse_projection_monitor
+from .regularisers import parse_regularisers
 
 
 @dataclass
@@ -49,12 +50,24 @@ class InterventionArguments:
             "batch_size, tokens; on the command line a YAML/JSON mapping or the path of a YAML file holding one."
         },
     )
+    regularisers: list[Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Regularisers, extra loss terms logged as regularisers/<name> (see trainers/regularisers.py): a "
+            "list of mappings with keys name, kind (kl, ldifs, projection_penalty, blocking), weight, schedule and "
+            "the kind's own keys (kl: anchor_data, anchor_batch_size; ldifs: site, layers, normalise; "
+            "projection_penalty: direction, site, layers, direction_layer, components, tokens; blocking: direction "
+            "(up/down/both), directions or sae + latents, site, layers, direction_layer, components); on the command "
+            "line a YAML/JSON list or the path of a YAML file holding one."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()  # the TRL config's own checks
         # Fail at config time on unknown keys or bad values, not after the model is loaded.
         self.interventions = parse_interventions(self.interventions)
         self.projection_monitor = parse_projection_monitor(self.projection_monitor)
+        self.regularisers = parse_regularisers(self.regularisers)
 
     def to_dict(self):
         out = super().to_dict()
@@ -64,4 +77,5 @@ class InterventionArguments:
             i.name: i.direction_fingerprint() for i in self.interventions if i.direction_fingerprint()
         }
         out["projection_monitor"] = self.projection_monitor.to_dict() if self.projection_monitor else None
+        out["regularisers"] = [r.to_dict() for r in self.regularisers]
         return out

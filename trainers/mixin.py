@@ -30,6 +30,7 @@ from interventions.tracking import (
 from .distributed import check_distributed_setup
 from .monitoring import ProjectionMonitor, examples_from_dataset, parse_projection_monitor, tokenize_rows
 from .passes import PassRouter
+from .regularisers import RegulariserSet
 
 
 class DirectionLineageCallback(TrainerCallback):
@@ -97,11 +98,14 @@ class InterventionTrainerMixin:
         layers_path = getattr(self.args, "intervention_layers_path", None)
         self.intervention_set = InterventionSet(self.model, specs or [], layers_path=layers_path)
         self.intervention_reference: ReferenceSource | None = None
-        if self.intervention_set.needs_reference:
+        self.regularisers = RegulariserSet.from_args(self.args, self.model, layers_path)
+        if self.intervention_set.needs_reference or (self.regularisers and self.regularisers.needs_reference):
             self.intervention_reference = ReferenceSource.for_model(
                 self.model, reference_model, seed=self.args.seed, layers_path=layers_path
             )
             self.add_callback(ReferenceStateCallback(self.intervention_reference))
+        if self.regularisers is not None:
+            self.regularisers.bind(self, self.intervention_reference)
         refs = [i.wandb_artifact for i in self.intervention_set.interventions if i.wandb_artifact]
         if refs:
             self.add_callback(DirectionLineageCallback(refs))
@@ -202,7 +206,9 @@ class InterventionTrainerMixin:
         return self.intervention_set.interventions
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        check_distributed_setup(self)  # FSDP/DeepSpeed asked for but accelerate runs DDP: raise (distributed.py)
+        check_distributed_setup(
+            self
+        )  # FSDP/DeepSpeed asked for but accelerate runs DDP: raise (distributed.py)
         if resume_from_checkpoint and self.intervention_reference is not None:
             folder = resume_from_checkpoint
             if folder is True:
@@ -214,7 +220,7 @@ class InterventionTrainerMixin:
                     stacklevel=2,
                 )
         self._start_wandb_run()
-        with self.intervention_set, self._passes():
+        with self.intervention_set, self._passes(), self._regularising():
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _start_wandb_run(self) -> None:
@@ -258,7 +264,9 @@ class InterventionTrainerMixin:
 
     def _set_reference(self, inputs, phase: str) -> None:
         """For reference_ablate / resample_ablate: the reference's pass over this batch, before the policy's."""
-        if self.intervention_reference is not None:
+        if self.regularisers is not None and phase == "train":  # one pass serves both
+            self.regularisers.reference_pass(self.intervention_set, phase, inputs)
+        elif self.intervention_reference is not None:
             self.intervention_reference.capture(self.intervention_set, phase, **inputs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -312,4 +320,29 @@ class InterventionTrainerMixin:
         for op in self.intervention_set.ops:
             if op.spec.schedule is not None and self.model.training:
                 logs[f"{prefix}{op.spec.name}/L{op.layer}/coefficient"] = op.coefficient
+        if self.regularisers is not None and self.model.training:
+            logs.update(
+                self.regularisers.pop_metrics(
+                    sum_over_processes=lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu(),
+                    processes=acc.num_processes,
+                )
+            )
         super().log(logs, start_time)
+
+    # --- regularisers: extra loss terms beside the task loss (trainers/regularisers.py) ---------------
+    regularisers: RegulariserSet | None = None
+
+    def _regularising(self):
+        """Registers the regularisers' read-only hooks for a ``train()`` (after the interventions' own, so
+        they read what the next layer sees)."""
+        return self.regularisers if self.regularisers is not None else contextlib.nullcontext()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The task loss is the parent trainer's; in training the regularisers add their weighted terms (the
+        # policy's activations recorded during that very forward).
+        if self.regularisers is None or not self.model.training:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        parent = super().compute_loss
+        return self.regularisers.compute_loss(self, parent, model, inputs, return_outputs, num_items_in_batch)
