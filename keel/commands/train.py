@@ -14,6 +14,7 @@ import copy
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers.trainer_utils import get_last_checkpoint
@@ -21,11 +22,18 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, get_dataset,
 
 from interventions.serialization import KeelInputError
 from keel.loading import ModelSpec, load_dataset_any, load_model, quantization_config
+from keel.loading.data_baselines import DataBaselineArguments, apply_data_baselines
 from trainers import InterventionSFTConfig, InterventionSFTTrainer
 
 from .common import config_dict, parse, write_config_record
 
-CONFIG_TYPES = (ScriptArguments, InterventionSFTConfig, ModelConfig, DatasetMixtureConfig)
+
+@dataclass
+class TrainScriptArguments(DataBaselineArguments, ScriptArguments):
+    """TRL's script arguments plus the data baselines (keel.loading.data_baselines)."""
+
+
+CONFIG_TYPES = (TrainScriptArguments, InterventionSFTConfig, ModelConfig, DatasetMixtureConfig)
 PROG = "keel train"
 
 
@@ -156,6 +164,8 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
         os.environ.setdefault("WANDB_DIR", training_args.output_dir)
     resume = resume_target(training_args.resume_from_checkpoint, training_args.output_dir)
     train_dataset, eval_dataset = load_datasets(script_args, training_args, dataset_args)
+    # inoculation_prompt / interleave: they change the training data (labelled on stderr); never the eval split
+    train_dataset = apply_data_baselines(train_dataset, script_args, seed=training_args.seed)
     model, tokenizer = load_model(model_spec(training_args, model_args))
     # Already applied by load_model; left set, SFTTrainer would warn that it ignores them.
     training_args.model_init_kwargs = None
