@@ -25,6 +25,7 @@ from trl import GRPOConfig, GRPOTrainer
 from interventions import Intervention, parse_interventions, unwrap_model
 from interventions.bake import BakeError, baked_record, check_bakeable
 from interventions.reference import is_peft_model
+from interventions.serialization import KeelInputError
 
 from .config import InterventionArguments
 from .mixin import InterventionTrainerMixin, check_datasets
@@ -65,7 +66,7 @@ def check_vllm_interventions(interventions: Sequence[Intervention], use_vllm: bo
         if baked
         else ""
     )
-    raise ValueError(
+    raise KeelInputError(
         "use_vllm=True samples with vLLM, outside the hooked model, so hook interventions that act in "
         "'train' or 'generate' would make the samples come from another policy than the one optimised:\n"
         + "\n".join(lines)

@@ -1,4 +1,5 @@
-"""``keel train --config recipe.yaml``: SFT with interventions, doing what TRL's ``sft.py`` does.
+"""``keel train --config recipe.yaml``: SFT with interventions, doing what TRL's ``sft.py`` does; DPO and
+GRPO with ``trainer: dpo|grpo`` (GRPO's ``reward_funcs`` as import paths ``module:function``).
 
 Resume (``--resume_from_checkpoint PATH|true``), an eval split (``--dataset_test_split`` with
 ``--eval_strategy steps``), dataset mixtures (``datasets:`` in the recipe), quantized loading
@@ -14,27 +15,93 @@ import copy
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, get_dataset, get_peft_config
 
 from interventions.serialization import KeelInputError
 from keel.loading import ModelSpec, load_dataset_any, load_model, quantization_config
-from keel.loading.data_baselines import DataBaselineArguments, apply_data_baselines
-from trainers import InterventionSFTConfig, InterventionSFTTrainer
+from keel.rewards import load_reward_funcs
+from trainers import (
+    InterventionDPOConfig,
+    InterventionDPOTrainer,
+    InterventionGRPOConfig,
+    InterventionGRPOTrainer,
+    InterventionSFTConfig,
+    InterventionSFTTrainer,
+)
 
 from .common import config_dict, parse, write_config_record
 
+PROG = "keel train"
+TRAINERS = {"sft": InterventionSFTConfig, "dpo": InterventionDPOConfig, "grpo": InterventionGRPOConfig}
+
 
 @dataclass
-class TrainScriptArguments(DataBaselineArguments, ScriptArguments):
-    """TRL's script arguments plus the data baselines (keel.loading.data_baselines)."""
+class TrainScriptArguments(ScriptArguments):
+    trainer: str = field(
+        default="sft",
+        metadata={
+            "help": "The TRL trainer: sft (messages or prompt/completion data), dpo (prompt/chosen/rejected) "
+            "or grpo (prompts, with reward_funcs).",
+            "choices": list(TRAINERS),
+        },
+    )
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "grpo: reward functions, as import paths module:function (or a name in keel.rewards, "
+            "e.g. length_reward)."
+        },
+    )
 
 
-CONFIG_TYPES = (TrainScriptArguments, InterventionSFTConfig, ModelConfig, DatasetMixtureConfig)
-PROG = "keel train"
+def trainer_name(argv) -> str:
+    """``trainer`` from the command line (``--trainer X``) or the recipe (``--config FILE``), read before
+    parsing: it chooses the training config class the rest is parsed into."""
+    argv, name, config = list(argv), None, None
+    for i, arg in enumerate(argv):
+        for flag in ("--trainer", "--config"):
+            value = argv[i + 1] if arg == flag and i + 1 < len(argv) else None
+            if arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+            if value is not None and flag == "--trainer":
+                name = value
+            elif value is not None:
+                config = value
+    if name is None and config and os.path.isfile(config):
+        with open(config) as f:
+            try:
+                recipe = yaml.safe_load(f)
+            except yaml.YAMLError:
+                recipe = None  # the parser reports it
+        if isinstance(recipe, dict):
+            name = recipe.get("trainer")
+    name = str(name or "sft").lower()
+    if name not in TRAINERS:
+        raise KeelInputError(f"trainer {name!r}: choose one of {', '.join(TRAINERS)}.")
+    return name
+
+
+def config_types(argv) -> tuple:
+    return (TrainScriptArguments, TRAINERS[trainer_name(argv)], ModelConfig, DatasetMixtureConfig)
+
+
+CONFIG_TYPES = config_types([])  # sft
+
+
+def trainer_class(script_args) -> tuple[type, dict]:
+    """The trainer class ``script_args.trainer`` names and what only it takes (GRPO's reward functions)."""
+    name = getattr(script_args, "trainer", "sft")
+    funcs = getattr(script_args, "reward_funcs", None)
+    if name == "grpo":
+        return InterventionGRPOTrainer, {"reward_funcs": load_reward_funcs(funcs)}
+    if funcs:
+        raise KeelInputError(f"reward_funcs is for trainer grpo; this recipe trains with {name}.")
+    return {"sft": InterventionSFTTrainer, "dpo": InterventionDPOTrainer}[name], {}
 
 
 def load_datasets(script_args, training_args, dataset_args):
@@ -144,7 +211,12 @@ def checkpoint_step(checkpoint: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    script_args, training_args, model_args, dataset_args = parse(CONFIG_TYPES, argv, PROG, __doc__)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        types = config_types(argv)  # trainer: sft|dpo|grpo chooses the training config
+    except KeelInputError as err:
+        raise SystemExit(f"{PROG}: {err}") from None
+    script_args, training_args, model_args, dataset_args = parse(types, argv, PROG, __doc__)
     try:
         return run(script_args, training_args, model_args, dataset_args)
     except KeelInputError as err:
@@ -154,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(script_args, training_args, model_args, dataset_args) -> int:
     if not model_args.model_name_or_path:
         raise SystemExit(f"{PROG}: give model_name_or_path (a hub id, a local folder or tiny:<model_type>).")
+    trainer_cls, trainer_kwargs = trainer_class(script_args)  # a bad reward function fails before any loading
     record = {
         "script": config_dict(script_args),
         "training": config_dict(training_args),
@@ -164,18 +237,17 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
         os.environ.setdefault("WANDB_DIR", training_args.output_dir)
     resume = resume_target(training_args.resume_from_checkpoint, training_args.output_dir)
     train_dataset, eval_dataset = load_datasets(script_args, training_args, dataset_args)
-    # inoculation_prompt / interleave: they change the training data (labelled on stderr); never the eval split
-    train_dataset = apply_data_baselines(train_dataset, script_args, seed=training_args.seed)
     model, tokenizer = load_model(model_spec(training_args, model_args))
     # Already applied by load_model; left set, SFTTrainer would warn that it ignores them.
     training_args.model_init_kwargs = None
-    trainer = InterventionSFTTrainer(
+    trainer = trainer_cls(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
+        **trainer_kwargs,
     )
     if trainer.is_world_process_zero():
         record["training"]["resume_from_checkpoint"] = resume
