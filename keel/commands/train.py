@@ -24,6 +24,7 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, get_dataset,
 
 from interventions.serialization import KeelInputError
 from keel.loading import ModelSpec, load_dataset_any, load_model, quantization_config
+from keel.loading.data_baselines import DataBaselineArguments, apply_data_baselines
 from keel.rewards import load_reward_funcs
 from trainers import (
     InterventionDPOConfig,
@@ -41,7 +42,9 @@ TRAINERS = {"sft": InterventionSFTConfig, "dpo": InterventionDPOConfig, "grpo": 
 
 
 @dataclass
-class TrainScriptArguments(ScriptArguments):
+class TrainScriptArguments(DataBaselineArguments, ScriptArguments):
+    """TRL's script arguments plus the data baselines (keel.loading.data_baselines) and the trainer choice."""
+
     trainer: str = field(
         default="sft",
         metadata={
@@ -237,6 +240,8 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
         os.environ.setdefault("WANDB_DIR", training_args.output_dir)
     resume = resume_target(training_args.resume_from_checkpoint, training_args.output_dir)
     train_dataset, eval_dataset = load_datasets(script_args, training_args, dataset_args)
+    # inoculation_prompt / interleave: they change the training data (labelled on stderr); never the eval split
+    train_dataset = apply_data_baselines(train_dataset, script_args, seed=training_args.seed)
     model, tokenizer = load_model(model_spec(training_args, model_args))
     # Already applied by load_model; left set, SFTTrainer would warn that it ignores them.
     training_args.model_init_kwargs = None
