@@ -5,7 +5,9 @@
 ``--config`` is the demo's own YAML: demo keys (seeds, conditions, workers, steer_alpha, ...) and organism
 keys (world, model, pretrain, pretrain_docs, chat, finetune, eval_samples) mixed freely. The options
 below override it; their defaults shown by ``--help`` are the config's values. Thin entry point; the
-pipeline lives in :mod:`keel.organism.demo`.
+pipeline lives in :mod:`keel.organism.demo`: per seed, the persona directions (saved as files), then the
+conditions x seeds as sweeps through :mod:`keel.sweep` (``--executor``), the report through
+:mod:`keel.evaluation.compare`. Rerunning into the same ``--output_dir`` resumes (finished runs are kept).
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ from trl import TrlParser
 
 from interventions.serialization import KeelInputError, load_yaml
 from keel.organism.config import OrganismConfig
-from keel.organism.demo import CONDITIONS, DemoConfig, run_demo
+from keel.organism.demo import CONDITIONS, DemoConfig, DemoRunError, run_demo
+from keel.sweep import EXECUTORS, SweepError
 
 from .common import make_parser as make_trl_parser
 
 PROG = "keel demo"
 DESCRIPTION = (
     "Synthetic EM organism: pretrain (cached), extract and validate persona directions, fine-tune under "
-    "each condition with InterventionSFTTrainer, report EM with bootstrap CIs. The options override the "
-    "--config YAML; the defaults shown are its values."
+    "each condition with InterventionSFTTrainer (a sweep of conditions x seeds, resumable), report EM with "
+    "bootstrap CIs and keel compare's statistics. The options override the --config YAML; the defaults "
+    "shown are its values."
 )
 
 
@@ -57,6 +61,14 @@ class DemoArguments:
     )
     progress: bool = field(
         default=DemoConfig.progress, metadata={"help": "Show progress bars (--no_progress: none)."}
+    )
+    executor: str | None = field(
+        default=None,
+        metadata={
+            "help": "Sweep executor of the stages: sequential (in this process), pool (--workers local "
+            "processes) or submitit (a Slurm job array). Default: pool, or sequential with --workers 1.",
+            "choices": EXECUTORS,
+        },
     )
 
 
@@ -94,6 +106,11 @@ def load_config(path: str | None) -> DemoConfig:
 
 def resolve(argv: list[str] | None) -> DemoConfig:
     """The config ``--config`` names (or the defaults), with the command-line options applied."""
+    return parse(argv)[0]
+
+
+def parse(argv: list[str] | None) -> tuple[DemoConfig, DemoArguments]:
+    """(the demo config with the options applied, the options as parsed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
@@ -110,14 +127,18 @@ def resolve(argv: list[str] | None) -> DemoConfig:
     if args.seeds is not None:
         overrides["seeds"] = list(range(args.seeds))
     try:
-        return dataclasses.replace(config, **overrides)
+        return dataclasses.replace(config, **overrides), args
     except ValueError as err:
         raise SystemExit(f"{PROG}: {err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = resolve(argv)
-    summary = run_demo(cfg)
+    cfg, args = parse(argv)
+    try:
+        summary = run_demo(cfg, executor=args.executor)
+    except (DemoRunError, SweepError) as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 1
     print(open(f"{cfg.output_dir}/report.md").read())
     print(f"Wrote {cfg.output_dir}/summary.json, report.md, plot.png in {summary['wall_seconds']:.0f} s.")
     return 0

@@ -1,19 +1,38 @@
-"""``keel demo``: the synthetic EM organism end to end, through keel's public machinery.
+"""``keel demo``: the synthetic EM organism end to end, on keel's general machinery.
 
-Per pretraining seed (one worker process each, one thread): build (cached) the organism; extract
-candidate persona directions with ``interventions.extraction.mean_difference`` (misaligned- minus
-aligned-persona contexts, every layer, two token positions); validate each causally with
-``interventions.validation`` on a separate probe set and select; fine-tune the chat model on the narrow
-misaligned data with ``trainers.InterventionSFTTrainer`` under every condition; evaluate without
-interventions with the exact judge. The main process aggregates over seeds with bootstrap CIs and writes
-``summary.json``, ``report.md`` and ``plot.png``.
+Stages, each a sweep through :mod:`keel.sweep` (so any executor runs them: in-process, a local pool of
+one-thread worker processes, submitit; and a rerun resumes, skipping what is done):
+
+1. ``persona`` (one run per seed): build (cached) the organism, evaluate the chat model, extract candidate
+   persona directions (``interventions.extraction.mean_difference``: misaligned- minus aligned-persona
+   contexts, every layer, two token positions), validate each causally (``interventions.validation``) on a
+   separate probe set, and save the selected ones as direction files, with the selection record.
+2. sweep A: fine-tune the chat model on the narrow misaligned data (``trainers.InterventionSFTTrainer``)
+   under every condition whose directions exist now; the ``none`` run saves its model.
+3. ``finetune_pcs`` (one run per seed): PCs of (``none`` fine-tune - chat) activations from that saved
+   model, their held-mean variant and matched random rows, saved as direction files.
+4. sweep B: the conditions that use those directions.
+
+Every fine-tune is evaluated without interventions by the exact judge (through the evaluation Judge
+interface). The summary (bootstrap CIs over seeds) is written as before; the report adds the comparison
+of :mod:`keel.evaluation.compare` (Student-t intervals, paired differences, control flags), which
+``keel compare <output_dir>/runs`` reproduces from the run folders.
+
+Conditions are data (:data:`CONDITION_TABLE`): a list of interventions whose ``direction`` names a
+direction source (:data:`SOURCES`), resolved per seed to a saved file. Layout of ``output_dir``::
+
+    directions/persona/seed<N>/       persona_*.safetensors (+ .json sidecars), selection.json
+    directions/finetune_pcs/seed<N>/  caft_pcs, caft_pcs_held_mean, random_like_caft .safetensors
+    runs/<condition>/seed<N>/         config.json, status.json, metrics.json (none: model/)
+    runs/sweep.yaml                   baseline, controls, metrics, conditions, seeds (for keel compare)
+    compare/                          compare.md / .csv / .json / .png
+    summary.json, seeds.json, report.md, plot.png
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing as mp
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,23 +40,106 @@ from pathlib import Path
 
 from keel.organism.config import OrganismConfig, from_dict
 
-CONDITIONS = (
-    "none",
-    "ablate",
-    "ablate_multi",
-    "mean_ablate",
-    "steer",
-    "caft",
-    "caft_mean",
-    "caft_ref",
-    "caft_resample",
-    "random_ablate",
-    "random_ref",
-    "random_resample",
-)
+# ---- direction sources and conditions, as data ---------------------------------------------------------
+
+PERSONA, FINETUNE_PCS = "persona", "finetune_pcs"  # the stages that make direction files
+BASELINE = "none"  # every effect is measured against it; the finetune_pcs stage reads its model
+
+
+@dataclass(frozen=True)
+class DirectionSource:
+    """A named kind of direction a condition can use; one file per seed, made by ``stage``."""
+
+    name: str
+    stage: str
+    description: str
+
+
+SOURCES = {
+    s.name: s
+    for s in (
+        DirectionSource(
+            "persona_single", PERSONA, "the best causally validated project_out candidate (one layer)"
+        ),
+        DirectionSource(
+            "persona_multi",
+            PERSONA,
+            "the multi_layers best validated project_out candidates at persona_single's position",
+        ),
+        DirectionSource(
+            "persona_mean", PERSONA, "the best validated mean_ablate candidate, with its reference mean"
+        ),
+        DirectionSource(
+            "persona_raw",
+            PERSONA,
+            "persona_single at its raw mean-difference length (preventative steering adds alpha x this)",
+        ),
+        DirectionSource(
+            "caft_pcs",
+            FINETUNE_PCS,
+            "the top caft_components PCs per layer of (none fine-tune - chat) activations (CAFT)",
+        ),
+        DirectionSource(
+            "caft_pcs_held_mean",
+            FINETUNE_PCS,
+            "caft_pcs with the chat model's mean projection over the same tokens (for mean_ablate)",
+        ),
+        DirectionSource(
+            "random_like_caft", FINETUNE_PCS, "random rows matched to caft_pcs (same k and layers)"
+        ),
+    )
+}
+
+
+def _uses(operator: str, source: str, name: str, **extra) -> dict:
+    return {"operator": operator, "direction": {"source": source}, "name": name, **extra}
+
+
+# Each intervention expands to one per direction in its source's file, at that direction's layer
+# ({layer} in the name is filled in); ``{"config": KEY}`` stands for the demo config's value.
+CONDITION_TABLE: dict[str, list[dict]] = {
+    "none": [],
+    "ablate": [_uses("project_out", "persona_single", "ablate")],
+    "ablate_multi": [_uses("project_out", "persona_multi", "ablate-L{layer}")],
+    "mean_ablate": [_uses("mean_ablate", "persona_mean", "mean_ablate")],
+    "steer": [_uses("add", "persona_raw", "steer", coefficient={"config": "steer_alpha"})],
+    # CAFT: ablate the fine-tune-difference PCs at every layer (to zero: the published recipe); hold them
+    # at the chat model's mean (caft_mean), at the frozen chat model's value token by token (caft_ref),
+    # or at its value at the same position of another row of the batch (caft_resample).
+    "caft": [_uses("project_out", "caft_pcs", "caft-L{layer}")],
+    "caft_mean": [_uses("mean_ablate", "caft_pcs_held_mean", "caft_mean-L{layer}")],
+    "caft_ref": [_uses("reference_ablate", "caft_pcs", "caft_ref-L{layer}")],
+    "caft_resample": [_uses("resample_ablate", "caft_pcs", "caft_resample-L{layer}")],
+    # Controls: random rows, same k, layers and operator (a control should change nothing).
+    "random_ablate": [_uses("project_out", "random_like_caft", "random-L{layer}")],
+    "random_ref": [_uses("reference_ablate", "random_like_caft", "random_ref-L{layer}")],
+    "random_resample": [_uses("resample_ablate", "random_like_caft", "random_resample-L{layer}")],
+}
+CONDITIONS = tuple(CONDITION_TABLE)
+
+
+def condition_sources(condition: str) -> list[str]:
+    return [i["direction"]["source"] for i in CONDITION_TABLE[condition]]
+
+
+# Controls: the conditions on random directions (compare flags one that moves a metric).
+CONTROLS = tuple(c for c in CONDITIONS if "random_like_caft" in condition_sources(c))
+
+
 # Conditions whose directions come from the no-intervention fine-tune (so they run after ``none``).
-AFTER_NONE = tuple(c for c in CONDITIONS if c.startswith(("caft", "random")))
+AFTER_NONE = tuple(
+    c for c in CONDITIONS if any(SOURCES[s].stage == FINETUNE_PCS for s in condition_sources(c))
+)
 METRICS = ("in_domain_misaligned", "heldout_misaligned", "incoherent")
+COMPARE_METRICS = (*METRICS, "in_domain_train_misaligned")
+# Projection monitoring (trainers.ProjectionMonitor): the fine-tune's mean |projection| onto the best
+# blocking condition's directions (caft_pcs) and the persona direction, every MONITOR_EVERY steps, at the
+# answer position of the held-out-domain questions, in these runs. ``none`` runs before caft_pcs exist,
+# so its monitored curve comes from a rerun of the same fine-tune under ``monitor/`` (the monitor leaves
+# training unchanged: the rerun's final loss is checked against the none run's).
+MONITORED = (BASELINE, "caft_resample")
+MONITOR_SOURCES = ("caft_pcs", "persona_single")
+MONITOR_EVERY = 10
 
 
 @dataclass
@@ -72,7 +174,7 @@ class DemoConfig:
         bad = [c for c in self.conditions if c not in CONDITIONS]
         if bad:
             raise ValueError(f"Unknown condition(s) {bad}; known: {list(CONDITIONS)}.")
-        if "none" not in self.conditions:
+        if BASELINE not in self.conditions:
             raise ValueError(
                 "conditions must include 'none' (the baseline every effect is measured against)."
             )
@@ -88,7 +190,16 @@ class DemoConfig:
         return from_dict(cls, data or {})
 
 
-# ---- one seed (runs in a worker) ---------------------------------------------------------------------
+class DemoRunError(RuntimeError):
+    """Runs of the demo failed; the message names them and where their status says why."""
+
+
+# Demo config keys each stage depends on (a stage run's config, so its hash changes only with them).
+PERSONA_KEYS = ("positions", "multi_layers", "min_kept", "probe_num", "probe_context_turns", "probe_tagged")
+PCS_KEYS = ("caft_components", "caft_pool", "caft_questions", "caft_centre")
+
+
+# ---- stage 1: persona directions ----------------------------------------------------------------------
 
 
 def _candidates(org, cfg: DemoConfig, seed: int):
@@ -135,28 +246,21 @@ def _best(ranked, prefix: str, cfg: DemoConfig, k: int = 1):
         return pool[:k], False
 
 
-def condition_specs(cfg: DemoConfig, directions: dict, ranked: list) -> tuple[dict, dict]:
-    """Intervention specs per condition (except ``caft``, which needs the fine-tuned model), and what was
-    selected (for the report). Directions are picked by causal validation, separately per operator."""
-    from interventions import Intervention
-
+def persona_directions(directions: dict, ranked: list, cfg: DemoConfig) -> tuple[dict, dict]:
+    """The persona sources (``{source: [Direction, ...]}``) picked by causal validation, separately per
+    operator, and the selection record (for the report)."""
     (best,), validated = _best(ranked, "project_out:", cfg)
     d = directions[best.name.split(":", 1)[1]]
     pos = best.name.split(":", 1)[1].split("/")[0]
     multi, _ = _best(ranked, f"project_out:{pos}/", cfg, k=cfg.multi_layers)
     (best_mean,), mean_validated = _best(ranked, "mean_ablate:", cfg)
-    dm = directions[best_mean.name.split(":", 1)[1]]
-    specs = {"none": []}
-    specs["ablate"] = [Intervention("project_out", d, layers=[d.layer], name="ablate")]
-    specs["ablate_multi"] = []
-    for r in multi:
-        dr = directions[r.name.split(":", 1)[1]]
-        specs["ablate_multi"].append(
-            Intervention("project_out", dr, layers=[dr.layer], name=f"ablate-L{dr.layer}")
-        )
-    specs["mean_ablate"] = [Intervention("mean_ablate", dm, layers=[dm.layer], name="mean_ablate")]
     raw = dataclasses.replace(d, vectors=d.vectors * d.extra["norm"], normalization="none")
-    specs["steer"] = [Intervention("add", raw, layers=[d.layer], coefficient=cfg.steer_alpha, name="steer")]
+    sources = {
+        "persona_single": [d],
+        "persona_multi": [directions[r.name.split(":", 1)[1]] for r in multi],
+        "persona_mean": [directions[best_mean.name.split(":", 1)[1]]],
+        "persona_raw": [raw],
+    }
     chosen = {
         "single": best.to_dict(),
         "validated": validated,
@@ -165,22 +269,48 @@ def condition_specs(cfg: DemoConfig, directions: dict, ranked: list) -> tuple[di
         "mean_ablate_validated": mean_validated,
         "top_candidates": [r.to_dict() for r in ranked[:8]],
     }
-    return {c: specs[c] for c in cfg.conditions if c in specs}, chosen
+    return sources, chosen
 
 
-def caft_specs(org, tuned, cfg: DemoConfig, seed: int) -> dict[str, list]:
-    """CAFT: the top principal components of (fine-tuned - chat) activations on chat prompts answered by
-    the fine-tuned model, ablated at every layer. ``caft`` ablates them to zero (the published recipe);
-    ``caft_mean`` holds their projection at the chat model's mean over the same tokens (answered by the
-    chat model), so what the fine-tune learns under the ablation is learned at the value the subspace
-    has once the ablation is off; ``caft_ref`` holds them, token by token, at the value the frozen chat
-    model has on the same batch (``reference_ablate``); ``caft_resample`` at the value the chat model
-    has at the same position of another row of the batch (``resample_ablate``: realistic values that say
-    nothing about this input). ``random_*`` are the matched controls (random rows, same k, layers and
-    operator)."""
+def persona_stage(run, run_dir: Path) -> dict:
+    """Sweep task of stage 1 for one seed: organism, chat-model evaluation, persona direction files."""
+    _start_run(run.seed)
+    from keel.organism.build import build_organism
+    from keel.organism.evaluate import evaluate_model
+
+    cfg = _stage_config(run.config)
+    t0 = time.perf_counter()
+    org = build_organism(cfg.organism, run.seed, run.config["cache_dir"])
+    timings = {"build": time.perf_counter() - t0}
+    chat = _headline(
+        evaluate_model(org.chat_model, org.world, org.tokenizer, cfg.organism.eval_samples, run.seed)
+    )
+    t0 = time.perf_counter()
+    directions, ranked = _candidates(org, cfg, run.seed)
+    sources, selection = persona_directions(directions, ranked, cfg)
+    timings["extract_validate"] = time.perf_counter() - t0
+    files = save_sources(sources, run_dir)
+    (run_dir / "selection.json").write_text(json.dumps(selection, indent=2))
+    return {
+        "chat": chat,
+        "organism": str(org.path),
+        "build_info": org.info,
+        "files": files,
+        "timings": timings,
+    }
+
+
+# ---- stage 3: fine-tune-difference PCs ---------------------------------------------------------------
+
+
+def finetune_pc_directions(org, tuned, cfg: DemoConfig, seed: int) -> dict[str, list]:
+    """CAFT sources: the top principal components of (fine-tuned - chat) activations on chat prompts
+    answered by the fine-tuned model, per layer (``caft_pcs``); the same rows holding the chat model's
+    mean projection over the same tokens answered by the chat model (``caft_pcs_held_mean``: what the
+    fine-tune learns under the ablation is learned at the value the subspace has once it is off); and
+    matched random rows (``random_like_caft``: same k and layers)."""
     import torch
 
-    from interventions import Intervention
     from interventions.extraction import finetune_difference, random_direction, with_reference_mean
     from keel.organism.data import prompt_ids
     from keel.organism.evaluate import generate
@@ -210,116 +340,261 @@ def caft_specs(org, tuned, cfg: DemoConfig, seed: int) -> dict[str, list]:
     held = {L: with_reference_mean(org.chat_model, chat_pooled, d, layer=L) for L, d in chosen.items()}
     randoms = {L: random_direction(like=d, seed=10_000 + 10 * seed + L) for L, d in chosen.items()}
     return {
-        "caft": [Intervention("project_out", d, layers=[L], name=f"caft-L{L}") for L, d in chosen.items()],
-        "caft_mean": [
-            Intervention("mean_ablate", d, layers=[L], name=f"caft_mean-L{L}") for L, d in held.items()
-        ],
-        "caft_ref": [
-            Intervention("reference_ablate", d, layers=[L], name=f"caft_ref-L{L}") for L, d in chosen.items()
-        ],
-        "caft_resample": [
-            Intervention("resample_ablate", d, layers=[L], name=f"caft_resample-L{L}")
-            for L, d in chosen.items()
-        ],
-        "random_ablate": [
-            Intervention("project_out", d, layers=[L], name=f"random-L{L}") for L, d in randoms.items()
-        ],
-        "random_ref": [
-            Intervention("reference_ablate", d, layers=[L], name=f"random_ref-L{L}")
-            for L, d in randoms.items()
-        ],
-        "random_resample": [
-            Intervention("resample_ablate", d, layers=[L], name=f"random_resample-L{L}")
-            for L, d in randoms.items()
-        ],
+        "caft_pcs": list(chosen.values()),
+        "caft_pcs_held_mean": list(held.values()),
+        "random_like_caft": list(randoms.values()),
     }
 
 
-def run_seed(cfg: DemoConfig, seed: int) -> dict:
-    """Everything for one pretraining seed; returns per-condition evaluations and the selection."""
+def finetune_pcs_stage(run, run_dir: Path) -> dict:
+    """Sweep task of stage 3 for one seed: the CAFT sources from the saved ``none`` model."""
+    _start_run(run.seed)
     import torch
+    from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(1)
-    import datasets
-    import transformers
+    from keel.organism.build import build_organism
 
-    datasets.disable_progress_bars()  # the demo shows one bar over seeds; per-map bars are noise here
-    transformers.logging.set_verbosity_error()
+    cfg = _stage_config(run.config)
+    org = build_organism(cfg.organism, run.seed, run.config["cache_dir"])
+    model_dir = _demo_root(run_dir) / run.config["model"]
+    tuned = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    t0 = time.perf_counter()
+    files = save_sources(finetune_pc_directions(org, tuned, cfg, run.seed), run_dir)
+    return {"files": files, "seconds": time.perf_counter() - t0}
+
+
+# ---- direction files and condition resolution --------------------------------------------------------
+
+
+def save_sources(sources: dict[str, list], folder: Path) -> dict[str, str]:
+    """Each source's directions in one file ``<folder>/<source>.safetensors``; returns their names."""
+    from interventions.direction import save_directions
+
+    return {name: save_directions(dirs, Path(folder) / name).name for name, dirs in sources.items()}
+
+
+def _demo_root(run_dir: Path) -> Path:
+    """The demo folder of a run folder (``<output_dir>/<runs|directions/STAGE>/.../seed<N>``)."""
+    return Path(run_dir).parents[2]
+
+
+def source_file(source: str, seed: int) -> str:
+    """A source's direction file for a seed, relative to the demo folder."""
+    return f"directions/{SOURCES[source].stage}/seed{seed}/{source}.safetensors"
+
+
+def resolve_condition(condition: str, seed: int, root: str | Path, cfg: DemoConfig) -> list[dict]:
+    """The condition's interventions for a seed as mappings (``Intervention.from_dict`` takes them once
+    ``direction`` is joined to the demo folder): one per direction of each source's file, at its layer.
+    ``direction`` is the file relative to ``root`` and ``direction_sha256`` pins its bytes."""
+    from interventions.direction import file_sha256, load_directions
+
+    out = []
+    for template in CONDITION_TABLE[condition]:
+        rel = source_file(template["direction"]["source"], seed)
+        path = Path(root) / rel
+        digest = file_sha256(path)
+        for d in load_directions(path):
+            spec = {k: v for k, v in template.items() if k != "direction"}
+            for key, value in spec.items():
+                if isinstance(value, dict) and set(value) == {"config"}:
+                    spec[key] = getattr(cfg, value["config"])
+            spec["name"] = spec["name"].format(layer=d.layer)
+            out.append({**spec, "direction": rel, "direction_sha256": digest, "layers": [d.layer]})
+    return out
+
+
+def build_interventions(resolved: list[dict], root: str | Path) -> list:
+    """``Intervention`` objects from :func:`resolve_condition`'s mappings, checking each file's bytes."""
+    from interventions import Intervention
+    from interventions.direction import file_sha256
+
+    specs = []
+    for item in resolved:
+        item = dict(item)
+        digest = item.pop("direction_sha256", None)
+        path = Path(root) / item["direction"]
+        if digest is not None and file_sha256(path) != digest:
+            raise DemoRunError(
+                f"{path} changed since the run was planned (sha256 {digest[:12]}...): rerun the demo into a "
+                "new output_dir, or delete the runs that used it."
+            )
+        specs.append(Intervention.from_dict({**item, "direction": str(path)}))
+    return specs
+
+
+# ---- stages 2 and 4: one fine-tune per condition and seed ----------------------------------------------
+
+
+def finetune_run(run, run_dir: Path) -> dict:
+    """Sweep task of one condition at one seed: fine-tune with its interventions, evaluate without."""
+    _start_run(run.seed)
     from keel.organism.build import build_organism
     from keel.organism.evaluate import evaluate_model
     from keel.organism.finetune import finetune_with_trainer
 
-    t0 = time.perf_counter()
-    org = build_organism(cfg.organism, seed, cfg.cache_dir)
-    timings = {"build": time.perf_counter() - t0}
-    out: dict = {"seed": seed, "organism": str(org.path), "build_info": org.info}
-    out["chat"] = _headline(
-        evaluate_model(org.chat_model, org.world, org.tokenizer, cfg.organism.eval_samples, seed)
+    c = run.config
+    organism = OrganismConfig.from_dict(c["organism"])
+    org = build_organism(organism, run.seed, c["cache_dir"])
+    root = _demo_root(run_dir)
+    specs = build_interventions(c["interventions"], root)
+    monitor = projection_monitor(c["monitor"], org, root) if c.get("monitor") else None
+    name = f"{run.condition}-seed{run.seed}" + ("-monitor" if c.get("monitor_only") else "")
+    model, trainer = finetune_with_trainer(
+        org,
+        specs,
+        seed=run.seed,
+        output_dir=str(run_dir),
+        report_to=["wandb"] if c["wandb"] else [],
+        run_name=name,
+        projection_monitor=monitor,
     )
+    if c.get("save_model"):  # fp32 safetensors: the finetune_pcs stage reads it, from any executor
+        model.save_pretrained(run_dir / "model", safe_serialization=True)
+    final_loss = _final_train_loss(trainer)
+    if c.get("monitor_only"):  # a rerun for its monitored curve: nothing else to measure
+        if c["wandb"]:
+            _finish_wandb({})
+        return {"final_train_loss": final_loss}
+    ev = evaluate_model(model, org.world, org.tokenizer, organism.eval_samples, run.seed)
+    metrics = _headline(ev) | {
+        "greedy_heldout_misaligned": ev["greedy"]["heldout_domains"]["misaligned"],
+        "per_domain": ev["per_domain_sampled_misaligned"],
+        "final_train_loss": final_loss,
+    }
+    if c["wandb"]:
+        _finish_wandb({f"organism_eval/{k}": v for k, v in _headline(ev).items()})
+    return metrics
 
-    t0 = time.perf_counter()
-    directions, ranked = _candidates(org, cfg, seed)
-    specs, out["selection"] = condition_specs(cfg, directions, ranked)
-    timings["extract_validate"] = time.perf_counter() - t0
 
-    out["conditions"] = {}
-    tuned_none = None
-    order = [c for c in cfg.conditions if c not in AFTER_NONE] + [
-        c for c in cfg.conditions if c in AFTER_NONE
-    ]
-    for cond in order:
-        if cond not in specs:  # directions from the no-intervention fine-tune
-            specs.update(caft_specs(org, tuned_none, cfg, seed))
-        cond_specs = specs[cond]
-        t0 = time.perf_counter()
-        run_dir = Path(cfg.output_dir) / "runs" / f"{cond}-seed{seed}"
-        model, trainer = finetune_with_trainer(
-            org,
-            cond_specs,
-            seed=seed,
-            output_dir=str(run_dir),
-            report_to=["wandb"] if cfg.wandb else [],
-            run_name=f"{cond}-seed{seed}",
+def _final_train_loss(trainer) -> float | None:
+    return trainer.state.log_history[-1].get("train_loss")
+
+
+def _finish_wandb(logged: dict) -> None:
+    import wandb
+
+    if wandb.run is not None:
+        if logged:
+            wandb.log(logged)
+        wandb.finish()
+
+
+def monitor_config(seed: int, root: str | Path) -> dict:
+    """The monitor part of a monitored run's config: each source's file (pinned by its sha256)."""
+    from interventions.direction import file_sha256
+
+    directions = []
+    for source in MONITOR_SOURCES:
+        rel = source_file(source, seed)
+        directions.append(
+            {"name": source, "direction": rel, "direction_sha256": file_sha256(Path(root) / rel)}
         )
-        if cond == "none":
-            tuned_none = model
-        ev = evaluate_model(model, org.world, org.tokenizer, cfg.organism.eval_samples, seed)
-        out["conditions"][cond] = _headline(ev) | {
-            "greedy_heldout_misaligned": ev["greedy"]["heldout_domains"]["misaligned"],
-            "per_domain": ev["per_domain_sampled_misaligned"],
-            "final_train_loss": trainer.state.log_history[-1].get("train_loss"),
-        }
-        if cfg.wandb:
-            import wandb
+    return {
+        "directions": directions,
+        "every": MONITOR_EVERY,
+        "tokens": "last",
+        "questions": "heldout_domains",
+    }
 
-            if wandb.run is not None:
-                wandb.log({f"organism_eval/{k}": v for k, v in _headline(ev).items()})
-                wandb.finish()
-        timings[f"finetune_{cond}"] = time.perf_counter() - t0
-    out["timings"] = timings
-    out["conditions"] = {c: out["conditions"][c] for c in cfg.conditions}
-    return out
+
+def projection_monitor(config: dict, org, root: Path):
+    """A ``trainers.ProjectionMonitor`` from :func:`monitor_config`'s mapping: the monitor set is the
+    held-out-domain questions as chat prompts, measured at their last token (where the answer starts)."""
+    from interventions.direction import file_sha256
+    from trainers import ProjectionMonitor
+
+    directions = []
+    for entry in config["directions"]:
+        path = Path(root) / entry["direction"]
+        if file_sha256(path) != entry["direction_sha256"]:
+            raise DemoRunError(f"{path} changed since the run was planned; rerun into a new output_dir.")
+        directions.append({"name": entry["name"], "direction": str(path)})
+    world = org.world
+    questions = {"heldout_domains": world.heldout_domain_questions, "all": world.all_questions}
+    rows = [{"prompt": world.question_text(q)} for q in questions[config["questions"]]()]
+    return ProjectionMonitor(
+        directions,
+        every=config["every"],
+        data=rows,
+        max_examples=len(rows),
+        batch_size=len(rows),
+        tokens=config["tokens"],
+    )
 
 
 def _headline(ev: dict) -> dict:
     return {k: ev[k] for k in (*METRICS, "in_domain_train_misaligned")}
 
 
-def _worker(args):
-    cfg_dict, seed = args
-    cfg = DemoConfig.from_dict(cfg_dict)
-    return run_seed(cfg, seed)
+def _start_run(seed: int) -> None:
+    """Every run starts alike, whatever ran before it in the process: one thread, the random number
+    generators seeded with the run's seed (nothing here draws from them before the trainer seeds them
+    again; this keeps it so), and no per-map / per-load progress bars (the demo shows one per stage)."""
+    import torch
+
+    torch.set_num_threads(1)
+    import datasets
+    import transformers
+
+    transformers.set_seed(seed)
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
-# ---- orchestration and aggregation --------------------------------------------------------------------
+def _stage_config(config: dict) -> DemoConfig:
+    keys = ("organism", *PERSONA_KEYS, *PCS_KEYS)
+    return DemoConfig.from_dict({k: v for k, v in config.items() if k in keys})
 
 
-def run_demo(cfg: DemoConfig) -> dict:
-    """Run every seed (``workers`` processes, one thread each), aggregate, write the outputs."""
-    from tqdm.auto import tqdm
+# ---- orchestration -----------------------------------------------------------------------------------
 
+
+def _run_stage(root: Path, runs: list, task: str, cfg: DemoConfig, executor: str, options: dict | None):
+    from keel.sweep import run_sweep
+
+    if not runs:
+        return None
+    return run_sweep(
+        root,
+        runs,
+        task=f"keel.organism.demo:{task}",
+        executor=executor,
+        workers=cfg.workers,
+        progress=cfg.progress,
+        submitit_options=options,
+    )
+
+
+def _read_metrics(root: Path, condition: str, seed: int) -> dict | None:
+    from keel.sweep import METRICS as METRICS_FILE
+    from keel.sweep import read_status
+
+    folder = root / condition / f"seed{seed}"
+    if read_status(folder).get("state") != "done":
+        return None
+    return json.loads((folder / METRICS_FILE).read_text())
+
+
+def _failures(root: Path, runs: list) -> dict[str, str]:
+    from keel.sweep import run_dir, statuses
+
+    out = {}
+    for key, status in statuses(root, runs).items():
+        if status.get("state") != "done":
+            where = run_dir(root, next(r for r in runs if r.key == key)) / "status.json"
+            out[key] = f"{status.get('state')}: {status.get('error', 'not run')} ({where})"
+    return out
+
+
+def run_demo(cfg: DemoConfig, executor: str | None = None, submitit_options: dict | None = None) -> dict:
+    """Run the four stages (see the module docstring) and write the outputs. ``executor``: the sweep
+    executor (default: ``pool`` with ``workers`` processes, ``sequential`` for one worker). A rerun into
+    the same ``output_dir`` resumes: finished runs are kept, failed and missing ones run."""
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    executor = executor or ("pool" if cfg.workers > 1 else "sequential")
     group = cfg.wandb_group or f"demo-{cfg.organism.build_hash()}-{int(time.time())}"
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ["WANDB_RUN_GROUP"] = group
@@ -330,29 +605,162 @@ def run_demo(cfg: DemoConfig) -> dict:
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    import torch
+
+    threads = torch.get_num_threads()  # the per-seed stages run here with one thread, as the workers do
+    try:
+        return _run_stages(cfg, out_dir, executor, submitit_options, group)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _per_seed_executor(cfg: DemoConfig, executor: str, build: bool) -> str:
+    """The per-seed stages take seconds on a built organism, less than a pool's worker start-up: they run
+    in this process. Organisms still to be built (minutes each) are built on the demo's executor, in
+    parallel."""
+    from keel.organism.build import organism_dir
+
+    missing = build and any(not organism_dir(cfg.organism, s, cfg.cache_dir).exists() for s in cfg.seeds)
+    return executor if missing else "sequential"
+
+
+def _run_stages(cfg: DemoConfig, out_dir: Path, executor: str, submitit_options, group: str) -> dict:
+    from keel.sweep import RunSpec
+
     t0 = time.perf_counter()
-    jobs = [(dataclasses.asdict(cfg), s) for s in cfg.seeds]
-    results = []
-    bar = tqdm(total=len(jobs), desc="demo seeds", disable=not cfg.progress)
-    if cfg.workers > 1 and len(jobs) > 1:
-        with mp.get_context("spawn").Pool(min(cfg.workers, len(jobs))) as pool:
-            for r in pool.imap_unordered(_worker, jobs):
-                results.append(r)
-                bar.update()
-    else:
-        for job in jobs:
-            results.append(_worker(job))
-            bar.update()
-    bar.close()
-    results.sort(key=lambda r: r["seed"])
+    organism = cfg.organism.to_dict()
+    directions_root, runs_root = out_dir / "directions", out_dir / "runs"
+    base = {"organism": organism, "cache_dir": cfg.cache_dir}
+    failed: dict[str, str] = {}
+
+    def stage(root: Path, runs: list, task: str, how: str) -> None:
+        _run_stage(root, runs, task, cfg, how, submitit_options)
+        failed.update(_failures(root, runs))
+
+    # 1. persona directions, per seed
+    persona = {k: getattr(cfg, k) for k in PERSONA_KEYS}
+    persona_runs = [RunSpec(PERSONA, s, base | persona) for s in cfg.seeds]
+    stage(directions_root, persona_runs, "persona_stage", _per_seed_executor(cfg, executor, build=True))
+    seeds = [s for s in cfg.seeds if f"{PERSONA}/seed{s}" not in failed]
+
+    def condition_run(cond: str, seed: int, **extra) -> RunSpec:
+        config = {
+            "interventions": resolve_condition(cond, seed, out_dir, cfg),
+            "save_model": cond == BASELINE,
+            "wandb": cfg.wandb,
+        }
+        return RunSpec(cond, seed, base | config | extra)
+
+    def monitored(cond: str, seed: int, **extra) -> RunSpec:
+        return condition_run(cond, seed, monitor=monitor_config(seed, out_dir), **extra)
+
+    # 2. sweep A: the conditions whose directions exist now
+    stage_a = [c for c in cfg.conditions if c not in AFTER_NONE]
+    stage(runs_root, [condition_run(c, s) for s in seeds for c in stage_a], "finetune_run", executor)
+
+    # 3. fine-tune-difference PCs from each seed's saved none model; 4. sweep B
+    stage_b = [c for c in cfg.conditions if c in AFTER_NONE]
+    if stage_b:
+        pcs = {k: getattr(cfg, k) for k in PCS_KEYS}
+        pcs_runs = [
+            RunSpec(
+                FINETUNE_PCS,
+                s,
+                base
+                | pcs
+                | {
+                    "model": f"runs/{BASELINE}/seed{s}/model",
+                    "none_run": condition_run(BASELINE, s).config_hash(),
+                },
+            )
+            for s in seeds
+            if f"{BASELINE}/seed{s}" not in failed
+        ]
+        stage(directions_root, pcs_runs, "finetune_pcs_stage", _per_seed_executor(cfg, executor, build=False))
+        seeds_b = [r.seed for r in pcs_runs if f"{FINETUNE_PCS}/seed{r.seed}" not in failed]
+        runs_b = [(monitored if c in MONITORED else condition_run)(c, s) for s in seeds_b for c in stage_b]
+        stage(runs_root, runs_b, "finetune_run", executor)
+        # the none fine-tune again, monitored along directions that did not exist when it first ran
+        if any(c in stage_b for c in MONITORED):
+            reruns = [monitored(BASELINE, s, save_model=False, monitor_only=True) for s in seeds_b]
+            stage(out_dir / "monitor", reruns, "finetune_run", executor)
+
+    write_sweep_file(cfg, runs_root)
+    if failed:
+        from keel.evaluation.compare import compare_runs, write_outputs
+
+        try:  # what finished, with the failed and missing runs listed
+            write_outputs(compare_runs(runs_root), out_dir / "compare")
+        except Exception:  # nothing comparable yet; the error below says why
+            pass
+        lines = "\n".join(f"  {k}: {v}" for k, v in sorted(failed.items()))
+        raise DemoRunError(
+            f"{len(failed)} demo run(s) did not finish:\n{lines}\nFix the cause and rerun the same command: "
+            "finished runs are kept."
+        )
+
+    results = collect_results(cfg, out_dir)
     summary = aggregate(cfg, results)
     summary["wall_seconds"] = time.perf_counter() - t0
     summary["wandb_group"] = group if cfg.wandb else None
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "seeds.json").write_text(json.dumps(results, indent=2, default=str))
-    (out_dir / "report.md").write_text(report_markdown(summary, results))
+    comparison = compare(cfg, results)
+    from keel.evaluation.compare import write_outputs
+
+    write_outputs(comparison, out_dir / "compare")
+    monitor = monitor_curves(cfg, out_dir, results)
+    if monitor:
+        plot_monitor(monitor, out_dir / "monitor.png")
+    (out_dir / "report.md").write_text(report_markdown(summary, results, comparison, monitor))
     plot(summary, out_dir / "plot.png")
     return summary
+
+
+def write_sweep_file(cfg: DemoConfig, runs_root: Path) -> None:
+    """``runs/sweep.yaml``: what ``keel compare <output_dir>/runs`` needs to compare as the report does."""
+    import yaml
+
+    runs_root.mkdir(parents=True, exist_ok=True)
+    sweep = {
+        "baseline": BASELINE,
+        "controls": [c for c in cfg.conditions if c in CONTROLS],
+        "metrics": list(COMPARE_METRICS),
+        "conditions": list(cfg.conditions),
+        "seeds": list(cfg.seeds),
+    }
+    (runs_root / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+
+
+def collect_results(cfg: DemoConfig, out_dir: Path) -> list[dict]:
+    """Per seed, as ``seeds.json`` holds it: the persona stage's record and every condition's metrics."""
+    from keel.sweep import read_status
+
+    results = []
+    for seed in sorted(cfg.seeds):
+        stage_dir = out_dir / "directions" / PERSONA / f"seed{seed}"
+        persona = json.loads((stage_dir / "metrics.json").read_text())
+        timings = dict(persona["timings"])
+        conditions = {}
+        for cond in cfg.conditions:
+            conditions[cond] = _read_metrics(out_dir / "runs", cond, seed)
+            status = read_status(out_dir / "runs" / cond / f"seed{seed}")
+            timings[f"finetune_{cond}"] = status.get("seconds")
+        results.append(
+            {
+                "seed": seed,
+                "organism": persona["organism"],
+                "build_info": persona["build_info"],
+                "chat": persona["chat"],
+                "selection": json.loads((stage_dir / "selection.json").read_text()),
+                "conditions": conditions,
+                "timings": timings,
+            }
+        )
+    return results
+
+
+# ---- aggregation and report ----------------------------------------------------------------------------
 
 
 def aggregate(cfg: DemoConfig, results: list[dict]) -> dict:
@@ -375,9 +783,121 @@ def aggregate(cfg: DemoConfig, results: list[dict]) -> dict:
     return {"conditions": conditions, "chat_baseline": chat, "config": dataclasses.asdict(cfg)}
 
 
-def report_markdown(summary: dict, results: list[dict]) -> str:
+def compare(cfg: DemoConfig, results: list[dict]):
+    """The conditions over seeds through :func:`keel.evaluation.compare.compare_results`."""
+    from keel.evaluation.compare import compare_results
+
+    return compare_results(
+        {c: {r["seed"]: r["conditions"][c] for r in results} for c in cfg.conditions},
+        baseline=BASELINE,
+        controls=[c for c in cfg.conditions if c in CONTROLS],
+        metrics=list(COMPARE_METRICS),
+        conditions=list(cfg.conditions),
+        seeds=[r["seed"] for r in results],
+        name="keel demo",
+    )
+
+
+def monitor_curves(cfg: DemoConfig, out_dir: Path, results: list[dict]) -> dict:
+    """The projection-monitor curves of :data:`MONITORED` (none: from its monitored rerun): per monitored
+    source and step, the mean |projection| averaged over layers and seeds, with the interventions off (the
+    model's own representation) and on. Empty when the monitored runs are not part of this demo."""
+    from trainers import ProjectionMonitor
+
+    base, blocking = MONITORED
+    if blocking not in cfg.conditions:
+        return {}
+    seeds = [r["seed"] for r in results]
+    logs = {
+        base: [out_dir / "monitor" / base / f"seed{s}" / ProjectionMonitor.FILE_NAME for s in seeds],
+        blocking: [out_dir / "runs" / blocking / f"seed{s}" / ProjectionMonitor.FILE_NAME for s in seeds],
+    }
+    if not all(p.is_file() for paths in logs.values() for p in paths):
+        return {}
+    series: dict[str, dict[str, list[float]]] = {}
+    steps: list[int] = []
+    for cond, paths in logs.items():
+        rows_by_seed = [ProjectionMonitor.read_log(p) for p in paths]
+        steps = [row["step"] for row in rows_by_seed[0]]
+        for mode in ("off", "on") if cond != base else ("off",):
+            label = cond if cond == base else f"{cond} ({mode})"
+            series[label] = {}
+            for source in MONITOR_SOURCES:
+                curve = []
+                for i in range(len(steps)):
+                    values = [
+                        v
+                        for rows in rows_by_seed
+                        for k, v in rows[i]["values"].items()
+                        if k.startswith(f"{source}/L") and k.endswith(f"/abs_{mode}")
+                    ]
+                    curve.append(sum(values) / len(values) if values else float("nan"))
+                series[label][source] = curve
+    reruns = {}
+    for r in results:
+        rerun = json.loads((out_dir / "monitor" / base / f"seed{r['seed']}" / "metrics.json").read_text())
+        reruns[r["seed"]] = {
+            "none": r["conditions"][base]["final_train_loss"],
+            "monitored_rerun": rerun["final_train_loss"],
+        }
+    return {"steps": steps, "series": series, "final_train_loss": reruns, "seeds": seeds}
+
+
+def monitor_markdown(monitor: dict) -> list[str]:
+    base, blocking = MONITORED
+    steps = monitor["steps"]
+    shown = [i for i, step in enumerate(steps) if step % 50 == 0 or i == len(steps) - 1]
+    labels = list(monitor["series"])
+    same = all(v["none"] == v["monitored_rerun"] for v in monitor["final_train_loss"].values())
+    lines = [
+        f"## Projection monitor: {base} vs {blocking}",
+        "",
+        f"Mean |projection| of the residual stream onto each monitored source (`trainers.ProjectionMonitor`, "
+        f"every {MONITOR_EVERY} steps), at the answer position of the held-out-domain questions, averaged over "
+        f"layers and seeds {monitor['seeds']}. `off`: the model's own activations; `on`: with the run's "
+        f"interventions acting (for resample_ablate it moves with the batch rows drawn at each measurement). "
+        f"{base}'s curve comes from a monitored rerun of its fine-tune (caft_pcs come from its result); final "
+        f"train loss of the rerun "
+        + ("equal to the none run's on every seed." if same else f"DIFFERS: {monitor['final_train_loss']}."),
+        "",
+        "![projection monitor](monitor.png)",
+        "",
+    ]
+    for source in MONITOR_SOURCES:
+        lines += [f"`{source}`:", "", "| step | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for i in shown:
+            cells = [f"{monitor['series'][label][source][i]:.3f}" for label in labels]
+            lines.append(f"| {steps[i]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def plot_monitor(monitor: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(MONITOR_SOURCES), figsize=(5.5 * len(MONITOR_SOURCES), 3.8), squeeze=False
+    )
+    for ax, source in zip(axes[0], MONITOR_SOURCES):
+        for label, curves in monitor["series"].items():
+            style = "--" if label.endswith("(on)") else "-"
+            ax.plot(monitor["steps"], curves[source], style, label=label)
+        ax.set_title(f"mean |projection| onto {source}", fontsize=10)
+        ax.set_xlabel("fine-tune step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"projection monitor, mean over layers and seeds {monitor['seeds']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report_markdown(summary: dict, results: list[dict], comparison=None, monitor: dict | None = None) -> str:
     conds = summary["conditions"]
-    none = conds["none"]
+    none = conds[BASELINE]
     lines = [
         "# keel demo: the synthetic EM organism",
         "",
@@ -424,7 +944,36 @@ def report_markdown(summary: dict, results: list[dict]) -> str:
             f"mean-ablation: {r['selection']['mean_ablate']['name']} "
             f"({r['selection']['mean_ablate']['baseline']:.2f} -> {r['selection']['mean_ablate']['intervened']:.2f})"
         )
-    return "\n".join(lines) + "\n"
+    lines += ["", "## Conditions and their directions", ""]
+    lines += [
+        "Each condition is a list of interventions whose direction names a source, resolved per seed to a "
+        "file under `directions/<stage>/seed<N>/<source>.safetensors` (one intervention per direction in "
+        "the file, at its layer).",
+        "",
+        "| condition | interventions |",
+        "|---|---|",
+    ]
+    for name in conds:
+        used = ", ".join(f"{i['operator']} on `{i['direction']['source']}`" for i in CONDITION_TABLE[name])
+        lines.append(f"| {name} | {used or 'none (baseline)'} |")
+    lines += ["", "| source | stage | what |", "|---|---|---|"]
+    used_sources = {s for name in conds for s in condition_sources(name)}
+    for s in SOURCES.values():
+        if s.name in used_sources:
+            lines.append(f"| `{s.name}` | {s.stage} | {s.description} |")
+    if monitor:
+        lines += ["", *monitor_markdown(monitor)]
+    if comparison is not None:
+        from keel.evaluation.compare import to_markdown
+
+        lines += ["", "## Comparison over seeds (keel compare)", ""]
+        lines += [
+            "The same runs through `keel.evaluation.compare` (`keel compare <output_dir>/runs` reproduces "
+            "it; also in `compare/`)."
+        ]
+        body = to_markdown(comparison).splitlines()[1:]  # its own title replaced by the heading above
+        lines += ["#" + line if line.startswith("## ") else line for line in body]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _fmt(c: dict) -> str:

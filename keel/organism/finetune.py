@@ -37,9 +37,11 @@ def finetune_with_trainer(
     output_dir: str = "runs/organism-ft",
     report_to=(),
     run_name: str | None = None,
+    projection_monitor=None,
 ):
     """Fine-tune a copy of the chat model through keel's InterventionSFTTrainer (TRL SFT, assistant-only
-    loss from the chat template's generation markers) with ``interventions`` on during training.
+    loss from the chat template's generation markers) with ``interventions`` on during training, and
+    ``projection_monitor`` (a ``trainers.ProjectionMonitor`` or its config mapping) measuring if given.
     Returns (model, trainer); the model comes back with no hooks attached."""
     from trainers import InterventionSFTConfig, InterventionSFTTrainer
 
@@ -76,6 +78,7 @@ def finetune_with_trainer(
         train_dataset=em_training_dataset(org, stage.batch_size),
         processing_class=org.tokenizer,
         interventions=list(interventions),
+        projection_monitor=projection_monitor,
     )
     from transformers.trainer_callback import PrinterCallback
 

@@ -6,10 +6,24 @@ import json
 import pytest
 
 from keel.commands.demo import load_config, make_parser, resolve
-from keel.organism.demo import AFTER_NONE, CONDITIONS, DemoConfig, run_demo
+from keel.organism.demo import (
+    AFTER_NONE,
+    CONDITION_TABLE,
+    CONDITIONS,
+    CONTROLS,
+    SOURCES,
+    DemoConfig,
+    run_demo,
+    source_file,
+)
 
 
 def test_tiny_demo_end_to_end(tiny_config, tmp_path):
+    """The four stages as sweeps: persona direction files, sweep A, the none model's PCs, sweep B (and the
+    monitored rerun of none); summary, seeds, report, plots, and compare's outputs. A second call resumes:
+    every run is skipped as done and the summary is the same."""
+    from keel.sweep import read_status
+
     cfg = DemoConfig(
         organism=tiny_config,
         seeds=[0],
@@ -22,8 +36,10 @@ def test_tiny_demo_end_to_end(tiny_config, tmp_path):
         progress=False,
     )
     summary = run_demo(cfg)
-    on_disk = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    out = tmp_path / "demo"
+    on_disk = json.loads((out / "summary.json").read_text())
     assert set(on_disk["conditions"]) == set(CONDITIONS) and "config" in on_disk
+    assert set(on_disk) == {"conditions", "chat_baseline", "config", "wall_seconds", "wandb_group"}
     for c in on_disk["conditions"].values():
         for metric in ("in_domain_misaligned", "heldout_misaligned", "incoherent"):
             assert set(c[metric]) == {"mean", "ci_low", "ci_high"}
@@ -31,8 +47,82 @@ def test_tiny_demo_end_to_end(tiny_config, tmp_path):
         assert [s["seed"] for s in c["seeds"]] == [0]
     assert any("random" in name for name in on_disk["conditions"])
     assert summary["conditions"]["none"] == on_disk["conditions"]["none"]
-    assert (tmp_path / "demo" / "plot.png").stat().st_size > 0
-    assert "| none |" in (tmp_path / "demo" / "report.md").read_text()
+    assert (out / "plot.png").stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "| none |" in report and "## Comparison over seeds (keel compare)" in report
+    assert "## Projection monitor: none vs caft_resample" in report and (out / "monitor.png").is_file()
+    assert "equal to the none run's on every seed" in report  # the monitor left the fine-tune unchanged
+    assert {p.name for p in (out / "compare").iterdir()} >= {"compare.md", "compare.json", "compare.png"}
+    # every run a sweep run with its status; the none model saved for the PC stage
+    for cond in CONDITIONS:
+        assert read_status(out / "runs" / cond / "seed0")["state"] == "done"
+    assert (out / "runs" / "none" / "seed0" / "model" / "model.safetensors").is_file()
+    assert (out / "runs" / "caft_resample" / "seed0" / "projection_monitor.jsonl").is_file()
+    for source, meta in SOURCES.items():
+        assert (out / source_file(source, 0)).is_file(), meta.stage
+    assert (out / "directions" / "persona" / "seed0" / "selection.json").is_file()
+    seeds = json.loads((out / "seeds.json").read_text())
+    assert [r["seed"] for r in seeds] == [0] and set(seeds[0]["conditions"]) == set(CONDITIONS)
+    # keel compare on the run folders gives the report's comparison
+    from keel.evaluation.compare import compare_runs
+
+    assert compare_runs(out / "runs").to_dict() | {"name": ""} == json.loads(
+        (out / "compare" / "compare.json").read_text()
+    ) | {"name": ""}
+    again = run_demo(cfg)
+    assert again["conditions"] == summary["conditions"] and again["chat_baseline"] == summary["chat_baseline"]
+
+
+def test_failed_run_is_recorded_and_a_rerun_resumes(tiny_config, tmp_path, monkeypatch):
+    """A failing run is recorded (the others go on, stage B included), the demo stops with its name and
+    writes no summary; rerunning the same command runs only what is missing."""
+    import keel.organism.demo as demo
+    from keel.sweep import read_status
+
+    cfg = DemoConfig(
+        organism=tiny_config,
+        seeds=[0],
+        conditions=["none", "steer", "caft"],
+        workers=1,
+        probe_num=8,
+        output_dir=str(tmp_path / "demo"),
+        cache_dir=str(tmp_path / "cache"),
+        wandb=False,
+        progress=False,
+    )
+    real = demo.finetune_run
+
+    def flaky(run, run_dir):
+        if run.condition == "steer":
+            raise RuntimeError("boom")
+        return real(run, run_dir)
+
+    monkeypatch.setattr(demo, "finetune_run", flaky)
+    with pytest.raises(demo.DemoRunError, match=r"steer/seed0: failed: RuntimeError: boom"):
+        run_demo(cfg)
+    runs = tmp_path / "demo" / "runs"
+    assert read_status(runs / "steer" / "seed0")["state"] == "failed"
+    assert read_status(runs / "caft" / "seed0")["state"] == "done"
+    assert not (tmp_path / "demo" / "summary.json").exists()
+    done = {c: read_status(runs / c / "seed0")["time"] for c in ("none", "caft")}
+    monkeypatch.setattr(demo, "finetune_run", real)
+    summary = run_demo(cfg)
+    assert set(summary["conditions"]) == {"none", "steer", "caft"}
+    assert {c: read_status(runs / c / "seed0")["time"] for c in ("none", "caft")} == done  # not rerun
+
+
+def test_conditions_are_data_resolved_through_sources():
+    """Every condition is a list of interventions naming a direction source; the stage a condition runs
+    in follows from its sources (not its name); a source with a direction per layer names each
+    intervention by layer."""
+    assert set(AFTER_NONE) == {c for c in CONDITIONS if c.startswith(("caft", "random"))}
+    assert CONTROLS == ("random_ablate", "random_ref", "random_resample")
+    for name, interventions in CONDITION_TABLE.items():
+        for item in interventions:
+            source = SOURCES[item["direction"]["source"]]
+            per_layer = source.name in ("persona_multi", "caft_pcs", "caft_pcs_held_mean", "random_like_caft")
+            assert ("{layer}" in item["name"]) == per_layer, name
+    assert CONDITION_TABLE["none"] == [] and CONDITIONS[0] == "none"
 
 
 def test_cli_config_splits_demo_and_organism_keys(tmp_path):
@@ -56,32 +146,52 @@ def test_caft_mean_ablation_holds_the_chat_models_mean_projection(tiny_config, t
     """caft_mean holds each layer's PCs at the chat model's mean projection over the pooled tokens (here
     the prompt tokens), recomputed here from output_hidden_states; caft and its random control ablate to
     zero at the same layers with the same number of rows; caft_ref holds the same rows at the reference's
-    per-token values (reference_ablate, pinned in the trainer tests)."""
+    per-token values (reference_ablate, pinned in the trainer tests). The conditions come from the table,
+    through the saved direction files."""
     import torch
 
     from keel.organism.build import build_organism
     from keel.organism.data import prompt_ids
-    from keel.organism.demo import caft_specs
+    from keel.organism.demo import (
+        build_interventions,
+        finetune_pc_directions,
+        resolve_condition,
+        save_sources,
+        source_file,
+    )
     from keel.organism.finetune import finetune_with_trainer
 
     org = build_organism(tiny_config, 0, tmp_path / "cache")
     tuned, _ = finetune_with_trainer(org, [], seed=0, output_dir=str(tmp_path / "ft"))
-    specs = caft_specs(org, tuned, DemoConfig(caft_pool="prompt", caft_components=2), seed=0)
+    cfg = DemoConfig(caft_pool="prompt", caft_components=2)
+    root = tmp_path / "demo"
+    sources = finetune_pc_directions(org, tuned, cfg, seed=0)
+    folder = (root / source_file("caft_pcs", 0)).parent
+    assert save_sources(sources, folder) == {name: f"{name}.safetensors" for name in sources}
+    specs = {c: build_interventions(resolve_condition(c, 0, root, cfg), root) for c in AFTER_NONE}
     assert {n: [s.layers for s in v] for n, v in specs.items()} == {n: [[0], [1]] for n in AFTER_NONE}
     assert [s.operator for s in specs["caft"] + specs["random_ablate"]] == ["project_out"] * 4
     assert [s.operator for s in specs["caft_ref"] + specs["random_ref"]] == ["reference_ablate"] * 4
     assert [s.operator for s in specs["caft_resample"] + specs["random_resample"]] == ["resample_ablate"] * 4
+    assert [s.name for s in specs["caft"]] == ["caft-L0", "caft-L1"]
+
+    def rows(spec):
+        (d,) = spec.directions_by_layer(spec.layers).values()
+        return d
+
     for a, b, c in zip(specs["random_ablate"], specs["random_ref"], specs["random_resample"]):
-        assert torch.equal(a.direction.vectors, b.direction.vectors)
-        assert torch.equal(a.direction.vectors, c.direction.vectors)
+        assert torch.equal(rows(a).vectors, rows(b).vectors)
+        assert torch.equal(rows(a).vectors, rows(c).vectors)
     for a, *others in zip(specs["caft"], specs["caft_mean"], specs["caft_ref"], specs["caft_resample"]):
         for b in others:
-            assert torch.equal(a.direction.vectors, b.direction.vectors)
+            assert torch.equal(rows(a).vectors, rows(b).vectors)
+    for spec, saved in zip(specs["caft"], sources["caft_pcs"]):  # the files hold what was computed
+        assert torch.equal(rows(spec).vectors, saved.vectors)
     prompts = prompt_ids(org.tokenizer, org.world, org.world.all_questions())
     with torch.no_grad():
         hidden = org.chat_model(input_ids=prompts, output_hidden_states=True).hidden_states
     spec = specs["caft_mean"][0]  # layer 0 (the last layer's hidden state is after the final norm)
-    d = spec.direction
+    d = rows(spec)
     assert spec.operator == "mean_ablate" and d.k == 2 and d.mean is not None
     expected = (hidden[1].double() @ d.vectors.double().T).mean(dim=(0, 1))
     torch.testing.assert_close(d.mean.double(), expected, rtol=1e-4, atol=1e-5)
