@@ -7,22 +7,25 @@ then runs the policy's loss forward (phase ``train``). Each intervention acts in
 name (:mod:`trainers.passes`): give ``phases: [train, generate]`` for the policy that samples to be the
 policy that is optimised; by default (``[train]``) samples come from the model without interventions.
 
-vLLM samples outside the hooked model: with ``use_vllm=True`` every intervention that acts in ``train``
-or ``generate`` is refused (:func:`check_vllm_interventions`); bake static ablations into the weights
-(``keel bake``) and train the baked model instead.
+vLLM samples outside the hooked model: with ``use_vllm=True`` an intervention that acts in ``train`` or
+``generate`` is refused unless the model's weights already hold it (baked with ``keel bake``, the hooks
+changing nothing on the baked model; :func:`check_vllm_interventions`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+from transformers import AutoConfig
 from trl import GRPOConfig, GRPOTrainer
 
-from interventions import Intervention, parse_interventions, unwrap_model
+from interventions import Intervention, InterventionSet, parse_interventions, unwrap_model
 from interventions.bake import BakeError, baked_record, check_bakeable
 from interventions.reference import is_peft_model
 from interventions.serialization import KeelInputError
@@ -37,47 +40,98 @@ GENERATION_SEAM = (
 )
 
 
-def check_vllm_interventions(interventions: Sequence[Intervention], use_vllm: bool, model=None) -> None:
-    """Refuse hook interventions that would have to act where vLLM samples.
+def check_vllm_interventions(
+    interventions: Sequence[Intervention], use_vllm: bool, model=None, layers_path: str | None = None
+) -> None:
+    """Refuse hook interventions that would have to act where vLLM samples (raises KeelInputError).
 
     vLLM generates from its own copy of the weights, outside the hooked model: an intervention in
-    ``generate`` cannot act there, and one in ``train`` would make the samples come from another policy
-    than the one optimised (TRL's vLLM importance-sampling correction would then treat the intervention as
-    sampling noise and clip it away). Interventions only in ``reference``/``eval`` are fine, and so is a
-    model with a static ablation baked into its weights (``config.keel_baked``, from ``keel bake``).
+    ``generate`` cannot act there, and one in ``train`` would make the samples come from another policy than
+    the one optimised (TRL's vLLM importance-sampling correction would treat the difference as sampling noise
+    and clip it away). Interventions only in ``reference``/``eval`` are fine. Hooks in ``train``/``generate``
+    are accepted on a model whose weights already hold them: baked with ``keel bake`` (``config.keel_baked``)
+    and the hooks changing nothing on it, as the hooks ``interventions.bake.equivalent_interventions``
+    returns for that bake do. Without ``model`` (config time) only what can never be baked is refused.
     """
     if not use_vllm:
         return
     hooked = [s for s in interventions if set(s.phases) & set(HOOK_PHASES_REFUSED_WITH_VLLM)]
     if not hooked:
         return
-    baked = baked_record(model) if model is not None and not isinstance(model, str) else None
-    lines = []
+    problems = []
     for spec in hooked:
         try:
-            check_bakeable(spec)
-            fix = "bake it into the weights with `keel bake` and train the baked model without it"
+            # alone a resid_pre hook is not a bake, but with attn_out/mlp_out hooks it is a stream bake's
+            # equivalent: judge the rest of it here, and the whole against the model below
+            check_bakeable(spec if spec.site != "resid_pre" else dataclasses.replace(spec, site="attn_out"))
         except BakeError as err:
-            fix = f"it cannot be baked ({err}), so train it with use_vllm=False"
-        lines.append(f"  - {spec.name!r} ({spec.operator}, phases {spec.phases}): {fix}")
-    note = (
-        f" This model already has {len(baked.get('bakes', []))} baked ablation(s) (config.keel_baked): drop the "
-        "hook interventions they replace."
-        if baked
-        else ""
-    )
+            problems.append(f"  - {_describe(spec)} cannot be baked ({err})")
+    if problems:
+        _refuse(problems, "train these with use_vllm=False")
+    if model is None:
+        return  # bakeable: whether the model holds them is checked when the trainer has it
+    baked = baked_record(model) if isinstance(model, nn.Module) else _baked_record_of_path(model)
+    if not baked:
+        _refuse(
+            [f"  - {_describe(spec)}" for spec in hooked],
+            "bake them into the weights first (keel bake --model M --direction D --output_dir baked), train "
+            "the baked model, and keep as hooks only those interventions.bake.equivalent_interventions "
+            "returns for that bake (they change nothing on the baked weights and keep the loss forward "
+            "equal to what vLLM samples from); or train with use_vllm=False",
+        )
+    if isinstance(model, nn.Module) and not _hooks_change_nothing(model, hooked, layers_path):
+        _refuse(
+            [f"  - {_describe(spec)}" for spec in hooked],
+            f"they change the logits of this baked model ({len(baked.get('bakes', []))} bake(s) in "
+            "config.keel_baked), so they are not what its weights hold: keep as hooks only what "
+            "interventions.bake.equivalent_interventions returns for the bake, or use_vllm=False",
+        )
+
+
+def _describe(spec: Intervention) -> str:
+    return f"{spec.name!r} ({spec.operator}, phases {spec.phases})"
+
+
+def _refuse(lines: list[str], fix: str) -> None:
     raise KeelInputError(
         "use_vllm=True samples with vLLM, outside the hooked model, so hook interventions that act in "
         "'train' or 'generate' would make the samples come from another policy than the one optimised:\n"
         + "\n".join(lines)
-        + f"\nOr set use_vllm=False (keel then samples with the hooked model).{note}"
+        + f"\nFix: {fix}."
     )
+
+
+def _baked_record_of_path(model) -> dict | None:
+    try:
+        return baked_record(AutoConfig.from_pretrained(model))
+    except (OSError, ValueError):
+        return None
+
+
+@torch.no_grad()
+def _hooks_change_nothing(model: nn.Module, specs: Sequence[Intervention], layers_path=None) -> bool:
+    """Whether ``specs`` as hooks leave the model's logits unchanged (to float rounding) on random tokens."""
+    base = unwrap_model(model)
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    device = next(base.parameters()).device
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    iset = InterventionSet(base, [dataclasses.replace(s, phases=["train"]) for s in specs], layers_path)
+    was_training = base.training
+    base.eval()
+    try:
+        off = base(input_ids=ids).logits.float()
+        with iset, iset.phase("train"):
+            on = base(input_ids=ids).logits.float()
+    finally:
+        base.train(was_training)
+    return bool(torch.allclose(on, off, rtol=1e-3, atol=1e-4 * float(off.abs().max()) + 1e-5))
 
 
 @dataclass
 class InterventionGRPOConfig(InterventionArguments, GRPOConfig):
     """``GRPOConfig`` plus keel's settings (:class:`trainers.config.InterventionArguments`); refuses
-    ``use_vllm`` with hook interventions in ``train``/``generate`` (:func:`check_vllm_interventions`)."""
+    ``use_vllm`` with interventions in ``train``/``generate`` that no bake can hold
+    (:func:`check_vllm_interventions`; the others are checked against the model by the trainer)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -146,9 +200,13 @@ class InterventionGRPOTrainer(InterventionTrainerMixin, GRPOTrainer):
         specs = parse_interventions(
             interventions if interventions is not None else getattr(args, "interventions", None)
         )
-        check_vllm_interventions(specs, bool(getattr(args, "use_vllm", False)), model)
+        use_vllm = bool(getattr(args, "use_vllm", False))
+        layers_path = getattr(args, "intervention_layers_path", None)
+        check_vllm_interventions(specs, use_vllm, model, layers_path)  # before TRL starts vLLM
         with loadable_reference(model, ref_model, args, kwargs.get("peft_config")):
             super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        if isinstance(model, str):  # loaded by TRL: now the hooks can be checked against the weights
+            check_vllm_interventions(specs, use_vllm, self.model, layers_path)
         self._init_interventions(interventions, intervention_reference_model, projection_monitor)
         self.intervention_passes = PassRouter(
             self.intervention_set,

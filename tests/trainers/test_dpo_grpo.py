@@ -12,7 +12,7 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from interventions import Direction, parse_interventions
-from interventions.bake import bake_ablation
+from interventions.bake import bake_ablation, equivalent_interventions
 from trainers import (
     InterventionDPOConfig,
     InterventionDPOTrainer,
@@ -381,39 +381,34 @@ def test_grpo_trains_every_parameter_and_no_direction(make_model, tokenizer, pro
 
 
 @pytest.mark.parametrize(
-    "phases,operator,fix",
+    "spec",
     [
-        (["generate"], "project_out", "keel bake"),
-        (["train"], "project_out", "keel bake"),
-        (["train", "generate"], "add", "cannot be baked"),
+        {"operator": "add", "phases": ["generate"]},
+        {"operator": "add", "phases": ["train", "generate"], "coefficient": 4.0},
+        {"operator": "project_out", "phases": ["train"], "tokens": "completion"},
+        {"operator": "reference_ablate", "phases": ["train"]},
     ],
+    ids=["steer-generate", "steer-train", "completion-only", "reference-op"],
 )
-def test_vllm_with_hook_interventions_is_refused_at_config_time(tmp_path, phases, operator, fix):
-    spec = {"operator": operator, "direction": _direction(), "phases": phases}
+def test_vllm_with_hook_only_interventions_is_refused_at_config_time(tmp_path, spec):
+    spec = dict(spec, direction=_direction())
     with pytest.raises(ValueError, match="use_vllm=True") as err:
         InterventionGRPOConfig(**_common(tmp_path), use_vllm=True, interventions=[spec])
-    assert fix in str(err.value) and "use_vllm=False" in str(err.value)
+    assert "cannot be baked" in str(err.value) and "use_vllm=False" in str(err.value)
 
 
-def test_vllm_accepts_reference_only_interventions_and_baked_models(make_model, tmp_path):
-    spec = {"operator": "project_out", "direction": _direction(), "phases": ["reference", "eval"]}
-    InterventionGRPOConfig(**_common(tmp_path), use_vllm=True, interventions=[spec])
-    baked = bake_ablation(make_model("qwen2"), _direction())
-    check_vllm_interventions([], use_vllm=True, model=baked)
-    hooked = parse_interventions(
-        [{"operator": "project_out", "direction": _direction(), "phases": ["train"]}]
-    )
-    with pytest.raises(ValueError, match="already has 1 baked"):
-        check_vllm_interventions(hooked, use_vllm=True, model=baked)
-
-
-def test_vllm_with_trainer_interventions_is_refused_before_vllm_starts(
+def test_vllm_refuses_bakeable_hooks_on_a_model_that_does_not_hold_them(
     make_model, tokenizer, prompts, tmp_path
 ):
-    args = InterventionGRPOConfig(
-        **_common(tmp_path), use_vllm=True, num_generations=2, per_device_train_batch_size=2
-    )
     spec = {"operator": "project_out", "direction": _direction(), "phases": ["train", "generate"]}
+    # bakeable: accepted by the config, refused by the trainer before TRL starts vLLM (not installed here)
+    args = InterventionGRPOConfig(
+        **_common(tmp_path),
+        use_vllm=True,
+        num_generations=2,
+        per_device_train_batch_size=2,
+        interventions=[spec],
+    )
     with pytest.raises(ValueError, match="keel bake"):
         InterventionGRPOTrainer(
             model=make_model("qwen2"),
@@ -421,5 +416,24 @@ def test_vllm_with_trainer_interventions_is_refused_before_vllm_starts(
             args=args,
             train_dataset=prompts,
             processing_class=tokenizer,
-            interventions=[spec],
         )
+
+
+def test_vllm_accepts_hooks_a_baked_model_already_holds(make_model):
+    direction = _direction(k=2)
+    baked = bake_ablation(make_model("qwen2"), direction)  # site "stream": every residual-stream writer
+    equivalent = equivalent_interventions(direction, phases=("train", "generate"))
+    check_vllm_interventions(equivalent, use_vllm=True, model=baked)  # no-ops on the baked weights
+    check_vllm_interventions([], use_vllm=True, model=baked)
+    reference_only = parse_interventions(
+        [{"operator": "project_out", "direction": _direction(), "phases": ["reference"]}]
+    )
+    check_vllm_interventions(reference_only, use_vllm=True, model=make_model("qwen2"))
+    other = parse_interventions(
+        [{"operator": "project_out", "direction": _direction(seed=5), "layers": [1], "phases": ["train"]}]
+    )
+    with pytest.raises(ValueError, match="change the logits of this baked model"):
+        check_vllm_interventions(other, use_vllm=True, model=baked)
+    # on a stream-baked model the stream never holds the direction: resid_post hooks change nothing either
+    resid_post = parse_interventions([{"operator": "project_out", "direction": direction, "layers": "all"}])
+    check_vllm_interventions(resid_post, use_vllm=True, model=baked)
