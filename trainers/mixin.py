@@ -1,10 +1,11 @@
 """What every keel trainer adds to its TRL parent: an InterventionSet switched on around the right passes.
 
 Only public seams are overridden (``train``, ``training_step``, ``prediction_step``, ``evaluate``,
-``log``). Hooks are registered once per ``train()``/``evaluate()`` call and switched by phase; the
-token masks come from the batch (``labels != -100`` is the completion), never from tensor indices.
-A projection monitor (``projection_monitor``, see :mod:`trainers.monitoring`) runs from a callback after
-optimizer steps and logs through ``log``.
+``log``, and ``compute_loss`` for the regularisers of :mod:`trainers.regularisers`). Hooks are registered
+once per ``train()``/``evaluate()`` call and switched by phase; the token masks come from the batch
+(``labels != -100`` is the completion), never from tensor indices. A projection monitor
+(``projection_monitor``, see :mod:`trainers.monitoring`) runs from a callback after optimizer steps and
+logs through ``log``.
 """
 
 from __future__ import annotations

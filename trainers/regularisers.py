@@ -41,6 +41,11 @@ per ``train()``, switched on for that forward); they are read after any interven
 the next layer sees them, and stored with their graph (under gradient checkpointing the hooks of decoder
 layers sit outside the checkpointed forward; a site inside a layer under reentrant checkpointing is refused
 with the fix). Regularisers act in training only: evaluation losses are the task loss.
+
+Trainer-agnostic: the mixin calls this module from ``compute_loss`` whatever the TRL parent. Under DPO the
+batch terms read the step's rows as TRL concatenates them (chosen and rejected; assistant tokens from
+its ``completion_mask``); GRPO builds its batches inside the step (generation), so there only ``kl`` with
+``anchor_data`` applies (the others are refused at the first step, naming it).
 """
 
 from __future__ import annotations
@@ -541,8 +546,8 @@ def _masks(inputs: dict, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         predicts = (shift.to(device) != -100)[:, :-1]
     elif labels is not None:
         predicts = labels.to(device)[:, 1:] != -100
-    else:
-        predicts = real[:, 1:] & real[:, :-1]
+    else:  # DPO's rows: the positions before each completion token
+        predicts = completion[:, 1:]
     return real, completion, predicts
 
 

@@ -575,3 +575,83 @@ def test_kl_term_on_a_batch_uses_the_task_loss_positions():
     term = _KL(KLConfig(), head, head)
     expected = kl_sum(h_pol[0, 1:3], h_ref[0, 1:3], head, head) / 2
     torch.testing.assert_close(term.value(batch), expected)
+
+
+# ---- the same code under DPO and GRPO -----------------------------------------------------------------
+
+
+def _dpo_grpo_common(tmp_path, **kw):
+    return dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        gradient_checkpointing=False,
+        seed=0,
+        **kw,
+    )
+
+
+def test_dpo_batch_terms_and_anchor_kl(make_model, tokenizer, tmp_path):
+    from datasets import Dataset
+
+    from trainers import InterventionDPOConfig, InterventionDPOTrainer
+
+    prefs = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": f"What is {i}?"}],
+                "chosen": [{"role": "assistant", "content": f"It is {i}."}],
+                "rejected": [{"role": "assistant", "content": "Fire."}],
+            }
+            for i in range(8)
+        ]
+    )
+    anchor = _write_anchor(tmp_path / "anchor.jsonl")
+    regs = [*_all_terms(), {"kind": "kl", "name": "anchor", "anchor_data": str(anchor)}]
+    args = InterventionDPOConfig(**_dpo_grpo_common(tmp_path), regularisers=regs)
+    trainer = InterventionDPOTrainer(
+        model=make_model("qwen2"), args=args, train_dataset=prefs, processing_class=tokenizer
+    )
+    trainer.train()
+    first, second = [h for h in trainer.state.log_history if "loss" in h]
+    for name in ("kl", "ldifs", "blocking", "anchor"):
+        assert first[f"regularisers/{name}"] == 0.0 and second[f"regularisers/{name}"] > 0, name
+    assert (
+        trainer.intervention_reference.passes == 4
+    )  # the step's rows (chosen and rejected) and the anchor's
+
+
+def test_grpo_anchor_kl_trains_and_batch_terms_say_what_to_use(make_model, tokenizer, tmp_path):
+    from datasets import Dataset
+
+    from trainers import InterventionGRPOConfig, InterventionGRPOTrainer
+
+    prompts = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": f"Tell me about {i}."}]} for i in range(8)]
+    )
+    anchor = _write_anchor(tmp_path / "anchor.jsonl")
+
+    def grpo(regs):
+        args = InterventionGRPOConfig(
+            **_dpo_grpo_common(tmp_path, num_generations=2, max_completion_length=4, beta=0.0),
+            regularisers=regs,
+        )
+        return InterventionGRPOTrainer(
+            model=make_model("qwen2"),
+            reward_funcs=lambda completions, **kw: [float(len(str(c)) % 5) for c in completions],
+            args=args,
+            train_dataset=prompts,
+            processing_class=tokenizer,
+        )
+
+    trainer = grpo([{"kind": "kl", "anchor_data": str(anchor), "weight": 1.0}])
+    trainer.train()
+    assert _logged(trainer, "regularisers/kl")[0] == 0.0 and _logged(trainer, "regularisers/kl")[-1] > 0
+    with pytest.raises(RegulariserError, match="use kl with anchor_data"):
+        grpo([{"kind": "ldifs"}]).train()
