@@ -463,34 +463,34 @@ def _output_hook(keep, module, args, output):
 # ---- terms -----------------------------------------------------------------------------------------
 
 
-@dataclass
 class _Head:
-    """The LM head as TRL's fused head applies it: ``h W^T + b``, times the logit scale, soft-capped."""
+    """The LM head as TRL's fused head applies it: ``h W^T + b``, times the logit scale, soft-capped.
+    :meth:`of` a model looks the weight up on every use (FSDP and PEFT replace modules after the trainer is
+    built); a fixed ``weight`` / ``bias`` serve plain tensors."""
 
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    scale: float
-    softcap: float | None
+    def __init__(self, weight=None, bias=None, scale: float = 1.0, softcap: float | None = None, model=None):
+        self.weight, self.bias, self.scale, self.softcap, self.model = weight, bias, scale, softcap, model
 
     @classmethod
     def of(cls, model: nn.Module) -> _Head:
-        base = unwrap_model(model)
-        head = base.get_output_embeddings()
-        config = base.config.get_text_config()
+        config = unwrap_model(model).config.get_text_config()
         scale = getattr(config, "logit_scale", None)
         for key in ("output_multiplier", "lm_head_multiplier"):
             scale = getattr(config, key, None) if scale is None else scale
         if scale is None and getattr(config, "logits_scaling", None) is not None:
             scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
-        return cls(
-            head.weight,
-            head.bias,
-            1.0 if scale is None else float(scale),
-            getattr(config, "final_logit_softcapping", None),
-        )
+        softcap = getattr(config, "final_logit_softcapping", None)
+        return cls(scale=1.0 if scale is None else float(scale), softcap=softcap, model=model)
 
     def log_probs(self, h: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(h.to(self.weight.dtype), self.weight, self.bias).float()
+        weight, bias = self.weight, self.bias
+        if self.model is not None:
+            head = unwrap_model(self.model).get_output_embeddings()
+            weight, bias = head.weight, head.bias
+        if hasattr(weight, "full_tensor"):  # FSDP2: a sharded DTensor
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+        logits = F.linear(h.to(weight.dtype), weight, bias).float()
         if self.scale != 1.0:
             logits = logits * self.scale
         if self.softcap:

@@ -473,6 +473,28 @@ def test_logged_terms_average_over_the_logging_window(make_model, tokenizer, cha
     assert _logged(trainer, "regularisers/kl/weight") == [0.125, 0.625]  # (0 + 0.25) / 2, (0.5 + 0.75) / 2
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_weighted_terms_add_exactly_their_logged_total_to_the_loss(
+    make_model, tokenizer, chat_dataset, tmp_path, accumulation
+):
+    """With gradient accumulation the Trainer sums micro-batch losses: each term is scaled so that the step's
+    loss grows by the weighted mean over micro-batches, ``regularisers/total``."""
+    regs = [
+        {"kind": "projection_penalty", "direction": _direction(1, k=2), "layers": [1], "weight": 3.0},
+        {"kind": "kl", "weight": 0.5},
+    ]
+    kw = dict(
+        max_steps=1, per_device_train_batch_size=4 // accumulation, gradient_accumulation_steps=accumulation
+    )
+    base = _trainer(make_model, tokenizer, chat_dataset, tmp_path, [{**r, "weight": 0.0} for r in regs], **kw)
+    base.train()
+    held = _trainer(make_model, tokenizer, chat_dataset, tmp_path, regs, **kw)
+    held.train()
+    (total,) = _logged(held, "regularisers/total")
+    assert total > 0
+    torch.testing.assert_close(_losses(held) - _losses(base), torch.tensor([total]), atol=1e-6, rtol=1e-5)
+
+
 def _write_anchor(path, n=6):
     rows = [
         {
