@@ -105,3 +105,19 @@ class InterventionDPOTrainer(InterventionTrainerMixin, DPOTrainer):
             )
         with router.reference_pass(model, inputs):
             return super().compute_ref_log_probs(model, inputs)
+
+    def _monitor_examples(self, monitor):
+        """Without ``projection_monitor.data``: the chosen answers of the first preference pairs (eval split,
+        else train), the answer as completion."""
+        if monitor.config.data is not None:
+            return super()._monitor_examples(monitor)
+        dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
+        if isinstance(dataset, dict):
+            dataset = next(iter(dataset.values()))
+        out = []
+        for row in dataset:
+            if len(out) >= monitor.config.max_examples:
+                break
+            prompt, chosen = list(row["prompt_ids"]), list(row["chosen_ids"])
+            out.append({"input_ids": prompt + chosen, "labels": [-100] * len(prompt) + chosen})
+        return out

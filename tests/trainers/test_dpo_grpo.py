@@ -317,6 +317,47 @@ def test_grpo_scoring_passes_get_their_own_masks_and_reference(make_model, token
     assert trainer.intervention_reference.passes == 4  # one per policy pass, each on its own rows
 
 
+# --- gradient checkpointing, monitoring -----------------------------------------------------------------
+
+
+def _losses(trainer):
+    return torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h])
+
+
+@pytest.mark.parametrize("trainer_kind", ["dpo", "grpo"])
+def test_checkpointing_modes_match_no_checkpointing(
+    make_model, tokenizer, prefs, prompts, tmp_path, trainer_kind
+):
+    spec = {"operator": "project_out", "direction": _direction(k=2), "layers": "all"}
+    spec["phases"] = ["train", "reference"] + (["generate"] if trainer_kind == "grpo" else [])
+
+    def run(**kw):
+        if trainer_kind == "dpo":
+            trainer = dpo(make_model, tokenizer, prefs, tmp_path, [spec], **kw)
+        else:
+            trainer = grpo(make_model, tokenizer, prompts, tmp_path, [spec], peft=True, beta=0.1, **kw)
+        trainer.train()
+        return trainer
+
+    plain = run()
+    for reentrant in (True, False):
+        other = run(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        torch.testing.assert_close(_losses(other), _losses(plain), atol=1e-6, rtol=1e-5)
+        for (n, p), (_, q) in zip(plain.model.named_parameters(), other.model.named_parameters()):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_dpo_projection_monitor_reads_the_chosen_answers(make_model, tokenizer, prefs, tmp_path):
+    direction = _direction()
+    spec = {"operator": "project_out", "direction": direction, "layers": "all"}
+    monitor = {"directions": [{"name": "d", "direction": direction, "layers": "all"}], "every": 1}
+    trainer = dpo(make_model, tokenizer, prefs, tmp_path, [spec], projection_monitor=monitor)
+    trainer.train()
+    measured = [h for h in trainer.state.log_history if "monitor/d/L1/abs_on" in h]
+    assert len(measured) == 3  # steps 0, 1, 2
+    assert measured[0]["monitor/d/L1/abs_on"] < 1e-5 < measured[0]["monitor/d/L1/abs_off"]
+
+
 # --- training changes every trainable parameter, never a direction -------------------------------------
 
 OPERATORS = {
