@@ -586,6 +586,8 @@ class _KL(_Term):
         super().__init__(config)
         self.heads = (head_pol, head_ref)
         self.anchor = config.anchor_data is not None
+        self.rows: list[dict] | None = None  # the anchor examples, tokenised by RegulariserSet.bind_trainer
+        self.batch_size = 1
 
     def policy_keys(self) -> set:
         return set() if self.anchor else {FINAL}
@@ -718,8 +720,6 @@ class RegulariserSet:
         self.layers_path = layers_path
         self.reference: ReferenceSource | None = None
         self.terms: list[_Term] = []
-        self._anchor_rows: list[dict] | None = None
-        self._anchor_batch_size = 8
         self._anchor_pad = 0
         self.seed = 0
         self._micro = (-1, 0)
@@ -794,8 +794,8 @@ class RegulariserSet:
         # The policy's forward runs under the trainer's mixed precision (accelerate wraps its forward); the
         # reference's must too, or a frozen copy would differ from the policy at step 0.
         self._autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
-        config = self.anchor
-        if config is None:
+        anchors = [t for t in self.terms if isinstance(t, _KL) and t.anchor]
+        if not anchors:
             return
         iset: InterventionSet = trainer.intervention_set
         bad = sorted(
@@ -804,27 +804,29 @@ class RegulariserSet:
             if "train" in op.spec.phases and (op.needs_reference or op.spec.tokens != "all")
         )
         if bad:
-            raise config._fail(
+            raise anchors[0].config._fail(
                 f"the anchor batch runs through the policy with its training interventions on, and {bad} read a "
                 "reference pass or the training batch's token masks, which the anchor batch does not have. Use "
                 "tokens: all and operators without a reference for them, or the KL on the training batch (no anchor_data)."
             )
         tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
         if tokenizer is None:
-            raise config._fail("anchor_data needs the trainer's processing_class to tokenise it.")
-        self._anchor_rows = tokenize_rows(
-            read_jsonl(config.anchor_data),
-            tokenizer,
-            chat_template=getattr(trainer, "chat_template", None),
-            assistant_only_loss=bool(getattr(args, "assistant_only_loss", False)),
-            completion_only_loss=getattr(args, "completion_only_loss", None),
-            max_length=getattr(args, "max_length", None),
-            truncation_mode=getattr(args, "truncation_mode", "keep_start"),
-            where=f"{WHAT}: {config.name!r}: anchor_data {config.anchor_data}",
-        )
-        self._anchor_batch_size = config.anchor_batch_size or int(args.per_device_train_batch_size)
+            raise anchors[0].config._fail("anchor_data needs the trainer's processing_class to tokenise it.")
         pad = getattr(tokenizer, "pad_token_id", None)
         self._anchor_pad = pad if isinstance(pad, int) else 0
+        for term in anchors:
+            config = term.config
+            term.rows = tokenize_rows(
+                read_jsonl(config.anchor_data),
+                tokenizer,
+                chat_template=getattr(trainer, "chat_template", None),
+                assistant_only_loss=bool(getattr(args, "assistant_only_loss", False)),
+                completion_only_loss=getattr(args, "completion_only_loss", None),
+                max_length=getattr(args, "max_length", None),
+                truncation_mode=getattr(args, "truncation_mode", "keep_start"),
+                where=f"{WHAT}: {config.name!r}: anchor_data {config.anchor_data}",
+            )
+            term.batch_size = config.anchor_batch_size or int(args.per_device_train_batch_size)
 
     # --- hooks -------------------------------------------------------------------------------------
     def _batch_terms(self) -> list[_Term]:
@@ -944,7 +946,7 @@ class RegulariserSet:
             for term in self.terms:
                 if term.name not in values:  # the KL on anchor data
                     grad = term.config.weight_at(step) != 0.0
-                    values[term.name] = self._value(term, self._anchor_batch(trainer, grad), step)
+                    values[term.name] = self._value(term, self._anchor_batch(trainer, term, grad), step)
         finally:
             policy.clear()
         loss = out[0] if return_outputs else out
@@ -995,24 +997,27 @@ class RegulariserSet:
         return term.value(batch)
 
     # --- the anchor batch --------------------------------------------------------------------------
-    def anchor_inputs(self, step: int, micro: int, process: int = 0) -> dict:
-        """The anchor rows of micro-batch ``micro`` of step ``step`` on process ``process``: a function of the
-        run's seed and those numbers only, so a resumed run draws what an uninterrupted one would."""
-        rows = self._anchor_rows
-        if rows is None:
+    def anchor_inputs(self, step: int, micro: int, process: int = 0, name: str | None = None) -> dict:
+        """The anchor rows of KL term ``name`` (default: the first with anchor data) for micro-batch ``micro``
+        of step ``step`` on process ``process``: a function of the run's seed and those numbers only, so a
+        resumed run draws what an uninterrupted one would."""
+        anchors = [t for t in self.terms if isinstance(t, _KL) and t.anchor]
+        index, term = next((i, t) for i, t in enumerate(anchors) if name is None or t.name == name)
+        if term.rows is None:
             raise RuntimeError(
                 "RegulariserSet.bind_trainer(trainer) first: the anchor data is not tokenised."
             )
-        seed = ((self.seed * 1_000_003 + step) * 1_009 + micro) * 101 + process
+        seed = (((self.seed * 1_000_003 + step) * 1_009 + micro) * 101 + process) * 31 + index
         generator = torch.Generator().manual_seed(seed % (2**63))
-        n = self._anchor_batch_size
+        n, rows = term.batch_size, term.rows
         order = torch.cat([torch.randperm(len(rows), generator=generator) for _ in range(-(-n // len(rows)))])
         return _pad([rows[i] for i in order[:n].tolist()], self._anchor_pad, _device_of(self.model))
 
-    def _anchor_batch(self, trainer, grad: bool) -> _Batch:
+    def _anchor_batch(self, trainer, term: _KL, grad: bool) -> _Batch:
         """A reference pass and a policy forward (training interventions on) over this micro-batch's anchor rows."""
         step, micro = self._micro
-        inputs = self.anchor_inputs(step, micro, int(getattr(trainer.accelerator, "process_index", 0)))
+        process = int(getattr(trainer.accelerator, "process_index", 0))
+        inputs = self.anchor_inputs(step, micro, process, name=term.name)
         iset: InterventionSet = trainer.intervention_set
         reference: dict = {}
         with self._reference_tap.recording(reference, with_graph=False), self._autocast():

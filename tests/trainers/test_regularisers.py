@@ -495,12 +495,12 @@ def test_weighted_terms_add_exactly_their_logged_total_to_the_loss(
     torch.testing.assert_close(_losses(held) - _losses(base), torch.tensor([total]), atol=1e-6, rtol=1e-5)
 
 
-def _write_anchor(path, n=6):
+def _write_anchor(path, n=6, answer="Blue."):
     rows = [
         {
             "messages": [
                 {"role": "user", "content": f"Name a colour {i}."},
-                {"role": "assistant", "content": "Blue."},
+                {"role": "assistant", "content": answer},
             ]
         }
         for i in range(n)
@@ -511,8 +511,10 @@ def _write_anchor(path, n=6):
 
 def test_kl_on_anchor_data(make_model, tokenizer, chat_dataset, tmp_path):
     anchor = _write_anchor(tmp_path / "anchor.jsonl")
+    other = _write_anchor(tmp_path / "other.jsonl", n=4, answer="Green.")
     regs = [
         {"kind": "kl", "name": "anchor", "anchor_data": str(anchor), "anchor_batch_size": 3, "weight": 1e5},
+        {"kind": "kl", "name": "other", "anchor_data": str(other), "weight": 1.0},
         {"kind": "ldifs", "weight": 1.0},
     ]
     trainer = _trainer(make_model, tokenizer, chat_dataset, tmp_path, regs, max_steps=3, peft=True)
@@ -522,10 +524,13 @@ def test_kl_on_anchor_data(make_model, tokenizer, chat_dataset, tmp_path):
     assert not torch.equal(sets.anchor_inputs(1, 0)["input_ids"], a["input_ids"])
     text = tokenizer.decode(a["input_ids"][0][a["labels"][0] != -100])
     assert "Blue." in text and "colour" not in text  # the assistant tokens, as the trainer tokenises
+    c = sets.anchor_inputs(0, 0, name="other")
+    assert c["input_ids"].shape[0] == 4 and "Green." in tokenizer.decode(c["input_ids"][0])
     trainer.train()
-    logged = _logged(trainer, "regularisers/anchor")
-    assert logged[0] == 0.0 and logged[-1] > 0
-    assert trainer.intervention_reference.passes == 6  # the training batch's and the anchor batch's
+    for name in ("anchor", "other"):
+        logged = _logged(trainer, f"regularisers/{name}")
+        assert logged[0] == 0.0 and logged[-1] > 0
+    assert trainer.intervention_reference.passes == 9  # the training batch's and each anchor batch's
 
 
 def test_kl_on_anchor_data_refuses_interventions_that_need_the_training_masks(
