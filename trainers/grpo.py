@@ -136,6 +136,14 @@ class InterventionGRPOConfig(InterventionArguments, GRPOConfig):
     def __post_init__(self):
         super().__post_init__()
         check_vllm_interventions(self.interventions, self.use_vllm)
+        if getattr(self, "use_transformers_continuous_batching", False):
+            masked = [s.name for s in self.interventions if "generate" in s.phases and s.tokens != "all"]
+            if masked:
+                raise KeelInputError(
+                    f"Interventions {masked} act on prompt or completion tokens while sampling, and continuous "
+                    "batching packs several sequences into one pass, where keel cannot tell them apart: use "
+                    "tokens: all for them, or use_transformers_continuous_batching=False."
+                )
 
 
 @contextlib.contextmanager

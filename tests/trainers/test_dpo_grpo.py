@@ -478,3 +478,16 @@ def test_vllm_accepts_hooks_a_baked_model_already_holds(make_model):
     # on a stream-baked model the stream never holds the direction: resid_post hooks change nothing either
     resid_post = parse_interventions([{"operator": "project_out", "direction": direction, "layers": "all"}])
     check_vllm_interventions(resid_post, use_vllm=True, model=baked)
+
+
+def test_continuous_batching_refuses_token_masks_while_sampling(tmp_path):
+    spec = {"operator": "add", "direction": _direction(), "phases": ["generate"], "tokens": "completion"}
+    with pytest.raises(ValueError, match="continuous batching"):
+        InterventionGRPOConfig(
+            **_common(tmp_path), use_transformers_continuous_batching=True, interventions=[spec]
+        )
+    InterventionGRPOConfig(
+        **_common(tmp_path),
+        use_transformers_continuous_batching=True,
+        interventions=[dict(spec, tokens="all")],
+    )
