@@ -107,3 +107,26 @@ def _dataclass_in(hint):
             if dataclasses.is_dataclass(arg):
                 return arg
     return None
+
+
+def read_config_value(
+    value, what: str, key: str | None = None, error: type[Exception] = KeelInputError, sole_key: bool = False
+):
+    """A config value given as data or as a string (the command line): an inline YAML/JSON document, or
+    the path of a YAML/JSON file holding one, optionally under ``key`` (``sole_key``: only when it is the
+    mapping's one key, for values that are mappings themselves). Returns ``(where, value)``, where
+    ``where`` names the file when the value came from one (for error messages)."""
+    if not isinstance(value, (str, Path)):
+        return what, value
+    text = str(value)
+    inline = text.lstrip().startswith(("[", "{", "-")) or "\n" in text
+    if not inline and (Path(text).suffix in (".yaml", ".yml", ".json") or Path(text).is_file()):
+        what, value = text, load_yaml(text)
+    else:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise error(f"{what}: cannot read {text!r} as inline YAML/JSON or as a file ({err}).") from None
+    if key is not None and isinstance(value, dict) and key in value and (len(value) == 1 or not sole_key):
+        value = value[key]
+    return what, value

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from .direction import (
     Direction,
@@ -24,7 +23,7 @@ from .direction import (
     random_direction,
 )
 from .operators import OPERATORS, Operator
-from .serialization import KeelInputError, from_dict, load_yaml
+from .serialization import KeelInputError, from_dict, read_config_value
 from .sites import SITE_KINDS, parse_layers
 from .tracking import fetch_direction_artifact
 
@@ -298,22 +297,9 @@ def parse_interventions(value, what: str = "interventions") -> list[Intervention
     YAML file holding one (or a mapping with key ``interventions``). ``None`` means none."""
     if value is None:
         return []
-    if isinstance(value, (str, Path)):
-        text = str(value)
-        inline = text.lstrip().startswith(("[", "{", "-")) or "\n" in text
-        if not inline and (Path(text).suffix in (".yaml", ".yml", ".json") or Path(text).is_file()):
-            what, value = text, load_yaml(text)
-        else:
-            try:
-                value = yaml.safe_load(text)
-            except yaml.YAMLError as err:
-                raise SpecError(
-                    f"{what}: cannot read {text!r} as a YAML/JSON list or a file ({err})."
-                ) from None
-        if isinstance(value, dict) and "interventions" in value:
-            value = value["interventions"]
-        if value is None:
-            return []
+    what, value = read_config_value(value, what, key="interventions", error=SpecError)
+    if value is None:
+        return []
     if not isinstance(value, (list, tuple)):
         raise SpecError(f"{what} must be a list of interventions, got {type(value).__name__}: {value!r}.")
     specs = [Intervention.from_dict(i) for i in value]

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from interventions import (
@@ -47,7 +46,7 @@ from interventions import (
     unwrap_model,
 )
 from interventions.operators import projection
-from interventions.serialization import KeelInputError, from_dict, load_yaml, read_jsonl
+from interventions.serialization import KeelInputError, from_dict, read_config_value, read_jsonl
 
 MONITOR_TOKENS = ("all", "last")
 WHAT = "projection_monitor"
@@ -180,23 +179,9 @@ def parse_projection_monitor(value) -> ProjectionMonitorConfig | None:
             f"{WHAT}: a ProjectionMonitor object goes to the trainer (projection_monitor=...), not into the config; "
             "the config takes a mapping."
         )
-    what = WHAT
-    if isinstance(value, (str, Path)):
-        text = str(value)
-        inline = text.lstrip().startswith("{") or "\n" in text
-        if not inline and (Path(text).suffix in (".yaml", ".yml", ".json") or Path(text).is_file()):
-            what, value = text, load_yaml(text)
-        else:
-            try:
-                value = yaml.safe_load(text)
-            except yaml.YAMLError as err:
-                raise KeelInputError(
-                    f"{WHAT}: cannot read {text!r} as a YAML/JSON mapping or a file ({err})."
-                ) from None
-        if isinstance(value, dict) and set(value) == {WHAT}:
-            value = value[WHAT]
-        if value is None:
-            return None
+    what, value = read_config_value(value, WHAT, key=WHAT, sole_key=True)
+    if value is None:
+        return None
     if not isinstance(value, dict):
         raise KeelInputError(f"{what}: expected a mapping with keys directions, every, ..., got {value!r}.")
     return from_dict(ProjectionMonitorConfig, value, what)

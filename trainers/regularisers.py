@@ -62,7 +62,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -80,7 +79,7 @@ from interventions import (
 from interventions.extraction.sae import SAE
 from interventions.operators import projection
 from interventions.reference import REFERENCE_INPUTS, ReferenceSource
-from interventions.serialization import KeelInputError, from_dict, load_yaml, read_jsonl
+from interventions.serialization import KeelInputError, from_dict, read_config_value, read_jsonl
 from interventions.sites import SITE_KINDS, parse_layers
 from interventions.spec import Schedule
 
@@ -353,23 +352,9 @@ def parse_regularisers(value) -> list[RegulariserConfig]:
     a YAML file holding one (or a mapping with key ``regularisers``). ``None`` means none."""
     if value is None:
         return []
-    what = WHAT
-    if isinstance(value, (str, Path)):
-        text = str(value)
-        inline = text.lstrip().startswith(("[", "{", "-")) or "\n" in text
-        if not inline and (Path(text).suffix in (".yaml", ".yml", ".json") or Path(text).is_file()):
-            what, value = text, load_yaml(text)
-        else:
-            try:
-                value = yaml.safe_load(text)
-            except yaml.YAMLError as err:
-                raise RegulariserError(
-                    f"{WHAT}: cannot read {text!r} as a YAML/JSON list or a file ({err})."
-                ) from None
-        if isinstance(value, dict) and WHAT in value:
-            value = value[WHAT]
-        if value is None:
-            return []
+    what, value = read_config_value(value, WHAT, key=WHAT, error=RegulariserError)
+    if value is None:
+        return []
     if not isinstance(value, (list, tuple)):
         raise RegulariserError(
             f"{what} must be a list of regularisers, got {type(value).__name__}: {value!r}."

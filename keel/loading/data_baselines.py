@@ -31,9 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from interventions.serialization import KeelInputError, from_dict, load_yaml
+from interventions.serialization import KeelInputError, from_dict, read_config_value
 
 from . import load_dataset_any
 
@@ -73,20 +72,9 @@ def parse_interleave(value) -> InterleaveConfig | None:
     """A mapping, an :class:`InterleaveConfig`, or a string: an inline YAML/JSON mapping or a YAML file."""
     if value is None or isinstance(value, InterleaveConfig):
         return value
-    what = "interleave"
-    if isinstance(value, (str, Path)):
-        text = str(value)
-        if not text.lstrip().startswith("{") and Path(text).suffix in (".yaml", ".yml"):
-            what, value = text, load_yaml(text)
-        else:
-            try:
-                value = yaml.safe_load(text)
-            except yaml.YAMLError as err:
-                raise DataBaselineError(
-                    f"interleave: cannot read {text!r} as a YAML/JSON mapping ({err})."
-                ) from None
-        if value is None:
-            return None
+    what, value = read_config_value(value, "interleave", error=DataBaselineError)
+    if value is None:
+        return None
     if not isinstance(value, dict):
         raise DataBaselineError(f"{what}: expected a mapping {{data: FILE, fraction: 0.05}}, got {value!r}.")
     return from_dict(InterleaveConfig, value, what, error=DataBaselineError)
