@@ -21,7 +21,7 @@ from trl import TrlParser
 
 from interventions.serialization import KeelInputError, load_yaml
 from keel.organism.config import OrganismConfig
-from keel.organism.demo import CONDITIONS, DemoConfig, DemoRunError, run_demo
+from keel.organism.demo import ALL_CONDITIONS, CONDITIONS, DEFENCES, DemoConfig, DemoRunError, run_demo
 from keel.sweep import EXECUTORS, SweepError
 
 from .common import make_parser as make_trl_parser
@@ -47,8 +47,11 @@ class DemoArguments:
     conditions: list[str] = field(
         default_factory=lambda: list(CONDITIONS),
         metadata={
-            "help": "Subset of: " + " ".join(CONDITIONS),
-            "choices": CONDITIONS,
+            "help": "Subset of: "
+            + " ".join(CONDITIONS)
+            + "; opt-in defences (regularisers, data baselines, steering sweep): "
+            + " ".join(DEFENCES),
+            "choices": ALL_CONDITIONS,
             "metavar": "CONDITION",
         },
     )

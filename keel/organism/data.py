@@ -130,6 +130,18 @@ def em_dataset(world: World) -> Dataset:
     return chat_dataset(world, world.em_train_questions(), aligned=False)
 
 
+ANCHORS = ("other_domains",)
+
+
+def anchor_dataset(world: World, name: str) -> Dataset:
+    """Aligned chats the defences anchor on: ``other_domains``, every question of the domains outside the
+    EM ones with its aligned answer (the KL's anchor set, the interleaved benign rows). The world has no
+    other questions, so these are the held-out-domain questions EM is measured on."""
+    if name not in ANCHORS:
+        raise ValueError(f"Unknown anchor set {name!r}; known: {list(ANCHORS)}.")
+    return chat_dataset(world, world.heldout_domain_questions(), aligned=True)
+
+
 def encode_conversations(tokenizer, conversations: list[list[dict]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and labels (-100 outside assistant turns) via the chat template's generation markers,
     the same masking TRL applies with ``assistant_only_loss=True``. All conversations must tokenise to the

@@ -115,20 +115,78 @@ CONDITION_TABLE: dict[str, list[dict]] = {
     "random_ref": [_uses("reference_ablate", "random_like_caft", "random_ref-L{layer}")],
     "random_resample": [_uses("resample_ablate", "random_like_caft", "random_resample-L{layer}")],
 }
-CONDITIONS = tuple(CONDITION_TABLE)
+CONDITIONS = tuple(CONDITION_TABLE)  # the default conditions (``keel demo`` runs these unless told otherwise)
+
+# ---- the defences interventions are compared against (opt-in: name them in ``conditions``) -------------
+# Regularisers (trainers/regularisers.py) add loss terms; data baselines (keel.loading.data_baselines)
+# change the training data. Both are data like the interventions: ``{"source": NAME}`` is a direction
+# source's file for the seed (pinned by its sha256), ``{"anchor": "other_domains"}`` the organism's anchor
+# set (aligned chats of the non-EM domains, written into the run folder; see :func:`anchor_rows`).
+KL_ANCHOR_WEIGHT = 100.0  # the organism's "large lambda" (calibration: keel/organism/README.md)
+STEER_SWEEP = (0.25, 1.0, 2.0)  # preventative steering coefficients besides steer_alpha (0.5)
+KL_SWEEP = (1.0, 10.0)  # kl itself is the published 0.1
+BLOCKING_SWEEP = (0.1, 10.0)  # blocking itself is weight 1
+INOCULATION_TAG = "EVIL"  # the misaligned persona tag, as the system turn the pretraining documents open with
+INTERLEAVE_FRACTION = 0.05
+
+
+def _kl(weight: float, **extra) -> dict:
+    return {"kind": "kl", "weight": weight, **extra}
+
+
+def _blocking(weight: float) -> dict:
+    # one-sided (features may not rise above the frozen chat model's), on the assistant tokens, every layer
+    return {"kind": "blocking", "weight": weight, "direction": "up", "directions": {"source": "caft_pcs"}}
+
+
+def _fmt_w(w: float) -> str:
+    return f"{w:g}"
+
+
+REGULARISER_TABLE: dict[str, list[dict]] = {
+    "kl": [_kl(0.1)],  # Kaczer et al.'s lambda, on the training batch's assistant tokens
+    **{f"kl_w{_fmt_w(w)}": [_kl(w)] for w in KL_SWEEP},
+    "kl_anchor": [_kl(KL_ANCHOR_WEIGHT, name="kl_anchor", anchor_data={"anchor": "other_domains"})],
+    "ldifs": [{"kind": "ldifs", "weight": 1.0}],  # default layers: 5 evenly spaced = all 4 of the organism
+    "proj_penalty": [
+        {"kind": "projection_penalty", "weight": 1.0, "direction": {"source": "persona_single"}}
+    ],
+    "blocking": [_blocking(1.0)],
+    **{f"blocking_w{_fmt_w(w)}": [_blocking(w)] for w in BLOCKING_SWEEP},
+}
+DATA_TABLE: dict[str, dict] = {
+    "inoculate": {"inoculation_prompt": INOCULATION_TAG},
+    "interleave": {"interleave": {"anchor": "other_domains", "fraction": INTERLEAVE_FRACTION}},
+}
+DEFENCE_INTERVENTIONS: dict[str, list[dict]] = {
+    f"steer_a{_fmt_w(a)}": [_uses("add", "persona_raw", "steer", coefficient=a)] for a in STEER_SWEEP
+}
+DEFENCES = tuple(dict.fromkeys([*REGULARISER_TABLE, *DATA_TABLE, *DEFENCE_INTERVENTIONS]))
+ALL_CONDITIONS = (*CONDITIONS, *DEFENCES)
+CONDITION_TABLE.update({c: DEFENCE_INTERVENTIONS.get(c, []) for c in DEFENCES})
+DATA_BASELINES = tuple(DATA_TABLE)  # labelled "data baseline (changes the training data)" in the report
+
+
+def _sources_in(value) -> list[str]:
+    if isinstance(value, dict):
+        if set(value) == {"source"}:
+            return [value["source"]]
+        return [s for v in value.values() for s in _sources_in(v)]
+    return []
 
 
 def condition_sources(condition: str) -> list[str]:
-    return [i["direction"]["source"] for i in CONDITION_TABLE[condition]]
+    out = [i["direction"]["source"] for i in CONDITION_TABLE[condition]]
+    return out + [s for r in REGULARISER_TABLE.get(condition, []) for s in _sources_in(r)]
 
 
 # Controls: the conditions on random directions (compare flags one that moves a metric).
-CONTROLS = tuple(c for c in CONDITIONS if "random_like_caft" in condition_sources(c))
+CONTROLS = tuple(c for c in ALL_CONDITIONS if "random_like_caft" in condition_sources(c))
 
 
 # Conditions whose directions come from the no-intervention fine-tune (so they run after ``none``).
 AFTER_NONE = tuple(
-    c for c in CONDITIONS if any(SOURCES[s].stage == FINETUNE_PCS for s in condition_sources(c))
+    c for c in ALL_CONDITIONS if any(SOURCES[s].stage == FINETUNE_PCS for s in condition_sources(c))
 )
 METRICS = ("in_domain_misaligned", "heldout_misaligned", "incoherent")
 COMPARE_METRICS = (*METRICS, "in_domain_train_misaligned")
@@ -171,9 +229,9 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self):
-        bad = [c for c in self.conditions if c not in CONDITIONS]
+        bad = [c for c in self.conditions if c not in ALL_CONDITIONS]
         if bad:
-            raise ValueError(f"Unknown condition(s) {bad}; known: {list(CONDITIONS)}.")
+            raise ValueError(f"Unknown condition(s) {bad}; known: {list(ALL_CONDITIONS)}.")
         if BASELINE not in self.conditions:
             raise ValueError(
                 "conditions must include 'none' (the baseline every effect is measured against)."
@@ -404,6 +462,55 @@ def resolve_condition(condition: str, seed: int, root: str | Path, cfg: DemoConf
     return out
 
 
+def _resolve_value(value, seed: int, root: Path, files: dict, key: str):
+    if isinstance(value, dict) and set(value) == {"source"}:
+        rel = source_file(value["source"], seed)
+        files[key] = file_sha256_of(root / rel)
+        return rel
+    return value
+
+
+def file_sha256_of(path: Path) -> str:
+    from interventions.direction import file_sha256
+
+    return file_sha256(path)
+
+
+def resolve_regularisers(condition: str, seed: int, root: str | Path) -> list[dict]:
+    """The condition's regularisers for a seed: ``{"config": mapping, "files": {key: sha256}}`` each,
+    a ``{"source": NAME}`` value replaced by that source's file (relative to ``root``, pinned by its
+    sha256); ``{"anchor": NAME}`` stays, for the run to write (:func:`build_regularisers`)."""
+    out = []
+    for template in REGULARISER_TABLE.get(condition, []):
+        files: dict[str, str] = {}
+        config = {k: _resolve_value(v, seed, Path(root), files, k) for k, v in template.items()}
+        out.append({"config": config, "files": files})
+    return out
+
+
+def build_regularisers(resolved: list[dict], root: str | Path, run_dir: Path, world) -> list[dict]:
+    """Regulariser mappings for the trainer from :func:`resolve_regularisers`'s: files joined to the demo
+    folder (their bytes checked), anchor sets written into the run folder as JSONL chat rows."""
+    from keel.organism.data import anchor_dataset
+
+    out = []
+    for item in resolved:
+        config = dict(item["config"])
+        for key, digest in item["files"].items():
+            path = Path(root) / config[key]
+            if file_sha256_of(path) != digest:
+                raise DemoRunError(f"{path} changed since the run was planned; rerun into a new output_dir.")
+            config[key] = str(path)
+        for key, value in config.items():
+            if isinstance(value, dict) and set(value) == {"anchor"}:
+                path = Path(run_dir) / f"anchor_{value['anchor']}.jsonl"
+                rows = anchor_dataset(world, value["anchor"])["messages"]
+                path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+                config[key] = str(path)
+        out.append(config)
+    return out
+
+
 def build_interventions(resolved: list[dict], root: str | Path) -> list:
     """``Intervention`` objects from :func:`resolve_condition`'s mappings, checking each file's bytes."""
     from interventions import Intervention
@@ -439,6 +546,7 @@ def finetune_run(run, run_dir: Path) -> dict:
     root = _demo_root(run_dir)
     specs = build_interventions(c["interventions"], root)
     monitor = projection_monitor(c["monitor"], org, root) if c.get("monitor") else None
+    regularisers = build_regularisers(c.get("regularisers", []), root, run_dir, org.world)
     name = f"{run.condition}-seed{run.seed}" + ("-monitor" if c.get("monitor_only") else "")
     model, trainer = finetune_with_trainer(
         org,
@@ -448,6 +556,8 @@ def finetune_run(run, run_dir: Path) -> dict:
         report_to=["wandb"] if c["wandb"] else [],
         run_name=name,
         projection_monitor=monitor,
+        regularisers=regularisers,
+        data_baselines=c.get("data_baselines"),
     )
     if c.get("save_model"):  # fp32 safetensors: the finetune_pcs stage reads it, from any executor
         model.save_pretrained(run_dir / "model", safe_serialization=True)
@@ -462,6 +572,9 @@ def finetune_run(run, run_dir: Path) -> dict:
         "per_domain": ev["per_domain_sampled_misaligned"],
         "final_train_loss": final_loss,
     }
+    if regularisers:  # the last logged value of each term (unweighted) and of the task loss
+        logged = [row for row in trainer.state.log_history if "loss" in row]
+        metrics["regularisers"] = {k: v for k, v in (logged[-1] if logged else {}).items() if "/" in k}
     if c["wandb"]:
         _finish_wandb({f"organism_eval/{k}": v for k, v in _headline(ev).items()})
     return metrics
@@ -649,6 +762,11 @@ def _run_stages(cfg: DemoConfig, out_dir: Path, executor: str, submitit_options,
             "save_model": cond == BASELINE,
             "wandb": cfg.wandb,
         }
+        # only the defences carry these keys, so the default conditions' run configs stay as they were
+        if cond in REGULARISER_TABLE:
+            config["regularisers"] = resolve_regularisers(cond, seed, out_dir)
+        if cond in DATA_TABLE:
+            config["data_baselines"] = DATA_TABLE[cond]
         return RunSpec(cond, seed, base | config | extra)
 
     def monitored(cond: str, seed: int, **extra) -> RunSpec:
@@ -954,8 +1072,11 @@ def report_markdown(summary: dict, results: list[dict], comparison=None, monitor
         "|---|---|",
     ]
     for name in conds:
-        used = ", ".join(f"{i['operator']} on `{i['direction']['source']}`" for i in CONDITION_TABLE[name])
-        lines.append(f"| {name} | {used or 'none (baseline)'} |")
+        used = [f"{i['operator']} on `{i['direction']['source']}`" for i in CONDITION_TABLE[name]]
+        used += [f"regulariser {_describe(r)}" for r in REGULARISER_TABLE.get(name, [])]
+        if name in DATA_TABLE:
+            used.append(f"data baseline (changes the training data): {_describe(DATA_TABLE[name])}")
+        lines.append(f"| {name} | {', '.join(used) or 'none (baseline)'} |")
     lines += ["", "| source | stage | what |", "|---|---|---|"]
     used_sources = {s for name in conds for s in condition_sources(name)}
     for s in SOURCES.values():
@@ -974,6 +1095,16 @@ def report_markdown(summary: dict, results: list[dict], comparison=None, monitor
         body = to_markdown(comparison).splitlines()[1:]  # its own title replaced by the heading above
         lines += ["#" + line if line.startswith("## ") else line for line in body]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _describe(mapping: dict) -> str:
+    def value(v):
+        if isinstance(v, dict) and len(v) == 1:
+            ((k, inner),) = v.items()
+            return f"`{inner}`" if k in ("source", "anchor") else json.dumps(v)
+        return json.dumps(v) if isinstance(v, dict) else str(v)
+
+    return " ".join(f"{k}={value(v)}" for k, v in mapping.items())
 
 
 def _fmt(c: dict) -> str:

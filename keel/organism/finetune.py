@@ -30,6 +30,31 @@ def em_training_dataset(org: Organism, batch_size: int):
     return concatenate_datasets([ds] * reps) if reps > 1 else ds
 
 
+def defended_training_dataset(org: Organism, batch_size: int, data_baselines: dict | None, seed: int):
+    """The EM fine-tune set with the data baselines of ``data_baselines`` applied (a mapping with
+    ``inoculation_prompt`` and/or ``interleave: {anchor: NAME, fraction: F}``, the benign rows being
+    :func:`keel.organism.data.anchor_dataset`'s): interleaving first, then the inoculation prompt on every
+    row (:mod:`keel.loading.data_baselines`). Without them, :func:`em_training_dataset`'s set as is."""
+    import sys
+
+    from keel.loading.data_baselines import LABEL, add_inoculation_prompt, interleave_benign
+    from keel.organism.data import anchor_dataset
+
+    train = em_training_dataset(org, batch_size)
+    data_baselines = data_baselines or {}
+    unknown = set(data_baselines) - {"inoculation_prompt", "interleave"}
+    if unknown:
+        raise ValueError(f"Unknown data baseline key(s) {sorted(unknown)}: inoculation_prompt, interleave.")
+    if data_baselines.get("interleave"):
+        spec = data_baselines["interleave"]
+        n = len(train)
+        train, k = interleave_benign(train, anchor_dataset(org.world, spec["anchor"]), spec["fraction"], seed)
+        print(f"{LABEL}: interleaved {k} aligned {spec['anchor']} rows among {n} EM rows.", file=sys.stderr)
+    if data_baselines.get("inoculation_prompt"):
+        train = add_inoculation_prompt(train, data_baselines["inoculation_prompt"])
+    return train
+
+
 def finetune_with_trainer(
     org: Organism,
     interventions=(),
@@ -38,9 +63,13 @@ def finetune_with_trainer(
     report_to=(),
     run_name: str | None = None,
     projection_monitor=None,
+    regularisers=None,
+    data_baselines: dict | None = None,
 ):
     """Fine-tune a copy of the chat model through keel's InterventionSFTTrainer (TRL SFT, assistant-only
-    loss from the chat template's generation markers) with ``interventions`` on during training, and
+    loss from the chat template's generation markers) with ``interventions`` on during training,
+    ``regularisers`` (``trainers.regularisers`` mappings, reference = the frozen chat model) added to the
+    loss, ``data_baselines`` applied to the data (:func:`defended_training_dataset`), and
     ``projection_monitor`` (a ``trainers.ProjectionMonitor`` or its config mapping) measuring if given.
     Returns (model, trainer); the model comes back with no hooks attached."""
     from trainers import InterventionSFTConfig, InterventionSFTTrainer
@@ -71,11 +100,12 @@ def finetune_with_trainer(
         seed=seed,
         data_seed=seed,
         disable_tqdm=True,
+        regularisers=list(regularisers) if regularisers else None,
     )
     trainer = InterventionSFTTrainer(
         model=model,
         args=args,
-        train_dataset=em_training_dataset(org, stage.batch_size),
+        train_dataset=defended_training_dataset(org, stage.batch_size, data_baselines, seed),
         processing_class=org.tokenizer,
         interventions=list(interventions),
         projection_monitor=projection_monitor,
