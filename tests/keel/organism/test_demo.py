@@ -11,6 +11,7 @@ from keel.organism.demo import (
     CONDITION_TABLE,
     CONDITIONS,
     CONTROLS,
+    DEFENCES,
     SOURCES,
     DemoConfig,
     run_demo,
@@ -115,7 +116,9 @@ def test_conditions_are_data_resolved_through_sources():
     """Every condition is a list of interventions naming a direction source; the stage a condition runs
     in follows from its sources (not its name); a source with a direction per layer names each
     intervention by layer."""
-    assert set(AFTER_NONE) == {c for c in CONDITIONS if c.startswith(("caft", "random"))}
+    assert {c for c in AFTER_NONE if c in CONDITIONS} == {
+        c for c in CONDITIONS if c.startswith(("caft", "random"))
+    }
     assert CONTROLS == ("random_ablate", "random_ref", "random_resample")
     for name, interventions in CONDITION_TABLE.items():
         for item in interventions:
@@ -208,4 +211,7 @@ def test_demo_config_rejects_unknown_caft_options():
 
 def test_cli_help_lists_every_condition():
     action = next(a for a in make_parser()._actions if a.dest == "conditions")
-    assert action.help.split(": ", 1)[1].split() == list(CONDITIONS)
+    default, defences = action.help.split(": ", 1)[1].split("; ")
+    assert default.split() == list(CONDITIONS)
+    assert defences.split(": ", 1)[1].split() == list(DEFENCES)
+    assert tuple(action.choices) == (*CONDITIONS, *DEFENCES)
