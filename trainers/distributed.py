@@ -23,12 +23,15 @@ import os
 import sys
 import warnings
 
+from interventions.serialization import KeelInputError
+
 ALLOW_ENV = "KEEL_ALLOW_DISTRIBUTED_FALLBACK"
 _TRUE = ("1", "true", "yes", "on")
 
 
-class DistributedSetupError(RuntimeError):
-    """The run asked for FSDP / DeepSpeed (or N processes) and accelerate runs something else."""
+class DistributedSetupError(KeelInputError, RuntimeError):
+    """The run asked for FSDP / DeepSpeed (or N processes) and accelerate runs something else (a
+    KeelInputError: ``keel train`` exits with the message, no traceback)."""
 
 
 def _env_flag(name: str) -> bool:
@@ -42,7 +45,9 @@ def requested(args) -> dict:
     if getattr(args, "fsdp", None):
         fsdp_sources.append(f"fsdp={_show(args.fsdp)}")
     if _env_flag("ACCELERATE_USE_FSDP"):
-        fsdp_sources.append("ACCELERATE_USE_FSDP=true (accelerate launch --use_fsdp / an FSDP config file)")
+        fsdp_sources.append(
+            "ACCELERATE_USE_FSDP=true, from an accelerate FSDP config or TrainingArguments.fsdp"
+        )
     if getattr(args, "deepspeed", None):
         ds_sources.append(f"deepspeed={args.deepspeed!r}")
     if _env_flag("ACCELERATE_USE_DEEPSPEED"):
@@ -117,7 +122,7 @@ def check_distributed_setup(trainer) -> None:
     if not found:
         return
     message = (
-        "keel: the distributed setup is not what was asked for.\n  - "
+        "the distributed setup is not what was asked for.\n  - "
         + "\n  - ".join(found)
         + "\nOn CPU, accelerate never shards (FSDP/DeepSpeed need GPUs; it falls back to DDP or to one "
         "process each): drop the FSDP/DeepSpeed config, or call torch's fully_shard yourself (tests/"

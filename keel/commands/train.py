@@ -6,7 +6,8 @@ Resume (``--resume_from_checkpoint PATH|true``), an eval split (``--dataset_test
 (``--load_in_4bit``) and ``trust_remote_code``; interventions from the recipe or the command line
 (``--interventions '[...]'`` or a YAML file). Writes the resolved recipe and the SHA-256 of every
 direction file into ``output_dir`` (``keel_config.yaml``). Also runs under
-``accelerate launch scripts/train.py --config ...``.
+``accelerate launch scripts/train.py --config ...``. ``--dry_run true`` runs any recipe for a few steps on
+a tiny random-init model of the same architecture family, on CPU (``keel.loading.dryrun``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, get_dataset,
 from interventions.serialization import KeelInputError
 from keel.loading import ModelSpec, load_dataset_any, load_model, quantization_config
 from keel.loading.data_baselines import DataBaselineArguments, apply_data_baselines
+from keel.loading.dryrun import DryRunArguments, describe, prepare_dry_run, split_dry_run_argv
 from keel.rewards import load_reward_funcs
 from trainers import (
     InterventionDPOConfig,
@@ -217,11 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         types = config_types(argv)  # trainer: sft|dpo|grpo chooses the training config
+        dry, rest = split_dry_run_argv(argv)
+        if dry.dry_run and not {"-h", "--help"} & set(argv):
+            *configs, notes = prepare_dry_run(rest, dry, lambda a: parse(types, a, PROG, __doc__))
+            print(describe(notes), file=sys.stderr)
+        else:  # DryRunArguments only so that --help lists the options
+            configs = parse(types + (DryRunArguments,), argv, PROG, __doc__)[:4]
     except KeelInputError as err:
         raise SystemExit(f"{PROG}: {err}") from None
-    script_args, training_args, model_args, dataset_args = parse(types, argv, PROG, __doc__)
     try:
-        return run(script_args, training_args, model_args, dataset_args)
+        return run(*configs)
     except KeelInputError as err:
         raise SystemExit(f"{PROG}: {err}") from None
 
@@ -258,6 +265,9 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
         record["training"]["resume_from_checkpoint"] = resume
         write_config_record(training_args.output_dir, record)
     result = trainer.train(resume_from_checkpoint=resume)
+    if trainer.is_fsdp_enabled and "FULL" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+        # Checkpoints may be sharded (recipes/accelerate/fsdp2.yaml); the final model must load anywhere.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json (the log history) beside the model
     if training_args.push_to_hub:
@@ -269,7 +279,13 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
         import wandb  # the WandbCallback leaves its run open after train()
 
         wandb.finish()
-    trainer.accelerator.end_training()  # what Trainer.end() does (transformers>=5.18): trackers, process group
+    # Free the DDP wrapper (its reducer holds the process group) while the group is still registered: freed
+    # after destroy_process_group, the gloo group's destructor joins its worker thread from the dealloc,
+    # holding the GIL the worker may be waiting for, and rank 0 hangs at exit (seen in 1 of 3-6 CPU runs).
+    accelerator = trainer.accelerator
+    del trainer, model
+    accelerator.free_memory()
+    accelerator.end_training()  # what Trainer.end() does (transformers>=5.18): trackers, process group
     return 0
 
 
