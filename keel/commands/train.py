@@ -55,6 +55,13 @@ class TrainScriptArguments(DataBaselineArguments, ScriptArguments):
             "choices": list(TRAINERS),
         },
     )
+    adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "A PEFT adapter folder to load on the model and keep training (its weights trainable); "
+            "not together with use_peft, which starts a new adapter."
+        },
+    )
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={
@@ -181,11 +188,13 @@ def resume_target(value, output_dir: str) -> str | None:
     return str(value)
 
 
-def model_spec(training_args, model_args) -> ModelSpec:
+def model_spec(training_args, model_args, adapter: str | None = None) -> ModelSpec:
     """What sft.py passes to from_pretrained: revision, dtype, attention, trust_remote_code, quantization
-    and ``model_init_kwargs`` (those win, as in sft.py)."""
+    and ``model_init_kwargs`` (those win, as in sft.py); ``adapter``: a PEFT adapter loaded trainable."""
     return ModelSpec(
         model_args.model_name_or_path,
+        adapter=adapter,
+        trainable_adapter=adapter is not None,
         revision=model_args.model_revision,
         dtype=model_args.dtype,
         attn_implementation=model_args.attn_implementation,
@@ -249,7 +258,12 @@ def run(script_args, training_args, model_args, dataset_args) -> int:
     train_dataset, eval_dataset = load_datasets(script_args, training_args, dataset_args)
     # inoculation_prompt / interleave: they change the training data (labelled on stderr); never the eval split
     train_dataset = apply_data_baselines(train_dataset, script_args, seed=training_args.seed)
-    model, tokenizer = load_model(model_spec(training_args, model_args))
+    adapter = getattr(script_args, "adapter", None)
+    if adapter and model_args.use_peft:
+        raise SystemExit(
+            f"{PROG}: adapter={adapter} continues an existing adapter and use_peft starts a new one; give one."
+        )
+    model, tokenizer = load_model(model_spec(training_args, model_args, adapter))
     # Already applied by load_model; left set, SFTTrainer would warn that it ignores them.
     training_args.model_init_kwargs = None
     trainer = trainer_cls(

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from keel.loading import ModelSpec, load_model
 from keel.loading.tiny import tiny_model
 from keel.loading.tokenizer import build_word_tokenizer
 from keel.organism.config import OrganismConfig
@@ -125,7 +125,7 @@ def load_organism(path: str | Path, config: OrganismConfig | None = None) -> Org
         )
     config = config or stored
     info = json.loads((path / "info.json").read_text())
-    tok = AutoTokenizer.from_pretrained(path / "tokenizer")
-    base = AutoModelForCausalLM.from_pretrained(path / "base", dtype=torch.float32).eval()
-    chat = AutoModelForCausalLM.from_pretrained(path / "chat", dtype=torch.float32).eval()
+    base, tok = load_model(ModelSpec(str(path / "base"), tokenizer=str(path / "tokenizer"), dtype="float32"))
+    chat, _ = load_model(ModelSpec(str(path / "chat"), tokenizer=str(path / "tokenizer"), dtype="float32"))
+    base, chat = base.eval(), chat.eval()
     return Organism(config, info["seed"], World(config.world), tok, base, chat, path, info)
