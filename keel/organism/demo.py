@@ -134,9 +134,10 @@ def _kl(weight: float, **extra) -> dict:
     return {"kind": "kl", "weight": weight, **extra}
 
 
-def _blocking(weight: float) -> dict:
-    # one-sided (features may not rise above the frozen chat model's), on the assistant tokens, every layer
-    return {"kind": "blocking", "weight": weight, "direction": "up", "directions": {"source": "caft_pcs"}}
+def _blocking(weight: float, side: str = "up") -> dict:
+    # one-sided (features may not rise above the frozen chat model's), on the assistant tokens, every layer;
+    # ``both``: the two-sided control (a PC's sign is arbitrary, unlike an SAE latent's)
+    return {"kind": "blocking", "weight": weight, "direction": side, "directions": {"source": "caft_pcs"}}
 
 
 def _fmt_w(w: float) -> str:
@@ -153,6 +154,8 @@ REGULARISER_TABLE: dict[str, list[dict]] = {
     ],
     "blocking": [_blocking(1.0)],
     **{f"blocking_w{_fmt_w(w)}": [_blocking(w)] for w in BLOCKING_SWEEP},
+    "blocking_both": [_blocking(1.0, "both")],
+    "blocking_both_w10": [_blocking(10.0, "both")],
 }
 DATA_TABLE: dict[str, dict] = {
     "inoculate": {"inoculation_prompt": INOCULATION_TAG},

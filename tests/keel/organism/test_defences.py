@@ -31,7 +31,8 @@ def test_defences_are_opt_in_and_known():
     assert list(CONDITIONS) == DEFAULT and DemoConfig().conditions == DEFAULT  # the default demo unchanged
     assert set(DEFENCES) == {
         *("kl", "kl_w1", "kl_w10", "kl_anchor", "ldifs", "proj_penalty"),
-        *("blocking", "blocking_w0.1", "blocking_w10", "inoculate", "interleave"),
+        *("blocking", "blocking_w0.1", "blocking_w10", "blocking_both", "blocking_both_w10"),
+        *("inoculate", "interleave"),
         *("steer_a0.25", "steer_a1", "steer_a2"),
     }
     assert not set(DEFENCES) & set(CONDITIONS) and ALL_CONDITIONS == (*CONDITIONS, *DEFENCES)
@@ -39,7 +40,7 @@ def test_defences_are_opt_in_and_known():
     with pytest.raises(ValueError, match="Unknown condition"):
         DemoConfig(conditions=["none", "kl_w3"])
     # blocking reads the none fine-tune's PCs (stage B); the others run beside none
-    assert {c for c in DEFENCES if c in AFTER_NONE} == {"blocking", "blocking_w0.1", "blocking_w10"}
+    assert {c for c in DEFENCES if c in AFTER_NONE} == {c for c in DEFENCES if c.startswith("blocking")}
     assert DATA_BASELINES == ("inoculate", "interleave")
     for a in ("0.25", "1", "2"):
         (spec,) = CONDITION_TABLE[f"steer_a{a}"]
@@ -76,6 +77,8 @@ def test_regularisers_resolve_to_trainer_configs(tmp_path):
         "blocking": (BlockingConfig, 1.0),
         "blocking_w0.1": (BlockingConfig, 0.1),
         "blocking_w10": (BlockingConfig, 10.0),
+        "blocking_both": (BlockingConfig, 1.0),
+        "blocking_both_w10": (BlockingConfig, 10.0),
     }
     assert set(REGULARISER_TABLE) == set(expected)
     for cond, (kind, weight) in expected.items():
@@ -87,7 +90,7 @@ def test_regularisers_resolve_to_trainer_configs(tmp_path):
         if kind is KLConfig:
             assert (config.anchor_data is not None) == (cond == "kl_anchor")
         if kind is BlockingConfig:
-            assert config.direction == "up" and config.sae is None
+            assert config.direction == ("both" if "both" in cond else "up") and config.sae is None
             rel = source_file("caft_pcs", 0)
             assert resolved[0]["files"] == {"directions": file_sha256(root / rel)}
             assert config.directions == str(root / rel) and config.layers is None  # every PC layer
