@@ -410,15 +410,14 @@ def finetune_pc_directions(org, tuned, cfg: DemoConfig, seed: int) -> dict[str, 
 def finetune_pcs_stage(run, run_dir: Path) -> dict:
     """Sweep task of stage 3 for one seed: the CAFT sources from the saved ``none`` model."""
     _start_run(run.seed)
-    import torch
-    from transformers import AutoModelForCausalLM
-
+    from keel.loading import ModelSpec, load_model
     from keel.organism.build import build_organism
 
     cfg = _stage_config(run.config)
     org = build_organism(cfg.organism, run.seed, run.config["cache_dir"])
     model_dir = _demo_root(run_dir) / run.config["model"]
-    tuned = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tuned, _ = load_model(ModelSpec(str(model_dir), tokenizer=str(org.path / "tokenizer"), dtype="float32"))
+    tuned.eval()
     t0 = time.perf_counter()
     files = save_sources(finetune_pc_directions(org, tuned, cfg, run.seed), run_dir)
     return {"files": files, "seconds": time.perf_counter() - t0}
