@@ -9,7 +9,8 @@ changed config into a finished run. A failing run is recorded and the others go 
 The task is named by an import path (``"package.module:function"``, called as ``function(run, run_dir)``
 and returning a flat dict of metrics), so any executor can run it in another process: in-process
 (``sequential``), a local pool of worker processes (``pool``, one thread each), or a cluster through
-submitit (``submitit``: a Slurm job array, or its local executor).
+submitit (``submitit``: a Slurm job array, or its local executor). Pool workers get one device each
+where several are visible.
 """
 
 from __future__ import annotations
@@ -218,11 +219,37 @@ def _sequential(jobs, progress: bool, **_):
             yield result
 
 
-def _init_worker() -> None:
+def worker_devices(index: int, visible: str | None) -> str | None:
+    """The accelerator a pool worker gets: with several visible (``CUDA_VISIBLE_DEVICES`` or, unset, the
+    count torch sees), worker ``index`` takes device ``index mod n``; None leaves the setting alone."""
+    if visible is None:
+        return None
+    devices = [d for d in visible.split(",") if d.strip()]
+    return devices[index % len(devices)] if len(devices) > 1 else None
+
+
+def _init_worker(counter, visible: str | None) -> None:
+    """One thread per worker on CPU; one device per worker where there are several (set before CUDA
+    initialises in this process)."""
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    device = worker_devices(index, visible)
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
     torch.set_num_threads(1)
+
+
+def _visible_devices() -> str | None:
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return os.environ["CUDA_VISIBLE_DEVICES"]
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ",".join(str(i) for i in range(n)) if n > 1 else None
 
 
 def _execute_job(job):
@@ -235,9 +262,13 @@ def _pool(jobs, workers: int, progress: bool, **_):
 
     if not jobs:
         return
+    context = mp.get_context("spawn")
     with (
         ProcessPoolExecutor(
-            max(1, min(workers, len(jobs))), mp_context=mp.get_context("spawn"), initializer=_init_worker
+            max(1, min(workers, len(jobs))),
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(context.Value("i", 0), _visible_devices()),
         ) as pool,
         _bar(len(jobs), progress) as bar,
     ):

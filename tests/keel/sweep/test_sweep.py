@@ -144,3 +144,10 @@ def test_bad_sweeps_are_refused(tmp_path):
         run_sweep(tmp_path / "s", runs, TASK, executor="threads", progress=False)
     with pytest.raises(SweepError, match="Cannot import"):
         run_sweep(tmp_path / "s", runs, "tasks:nope", progress=False)
+
+
+def test_pool_workers_get_one_device_each_where_there_are_several():
+    from keel.sweep import worker_devices
+
+    assert [worker_devices(i, "0,1,2") for i in range(4)] == ["0", "1", "2", "0"]
+    assert worker_devices(3, "5") is None and worker_devices(0, None) is None
