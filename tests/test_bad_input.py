@@ -28,6 +28,7 @@ from interventions import (
 from interventions.extraction import ExtractionError, finetune_difference, text_example
 from interventions.serialization import KeelInputError, load_yaml, read_jsonl
 from keel.cli import main as keel
+from keel.evaluation.questions import QuestionFormatError, load_questions
 from keel.loading import LoadError, load_dataset_any, load_model
 from trainers import InterventionSFTConfig, InterventionSFTTrainer
 
@@ -145,6 +146,13 @@ CASES = {
         lambda t, *a: load_yaml(_write(t, "q.yaml", "a: [1, 2\n")),
         KeelInputError,
         ["q.yaml:", "not valid YAML"],
+    ),
+    "malformed question file": Case(
+        lambda t, *a: load_questions(
+            str(_write(t, "questions.yaml", "- id: x\n  paraphrases: [a, b\n")), False, t
+        ),
+        QuestionFormatError,
+        ["questions.yaml:", "not valid YAML"],
     ),
     "malformed jsonl": Case(
         lambda t, *a: read_jsonl(_write(t, "d.jsonl", '{"a": 1}\n{oops}\n')),

@@ -138,10 +138,18 @@ def _parse_one(raw: object, where: str) -> Question:
     )
 
 
-def parse_questions(text: str, fmt: str) -> list[Question]:
-    """Parse question-file text; ``fmt`` is ``"yaml"`` (upstream) or ``"jsonl"`` (ours)."""
+def parse_questions(text: str, fmt: str, source: str = "question file") -> list[Question]:
+    """Parse question-file text; ``fmt`` is ``"yaml"`` (upstream) or ``"jsonl"`` (ours); ``source`` names
+    the file in errors."""
     if fmt == "yaml":
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+            raise QuestionFormatError(
+                f"{where}: not valid YAML ({getattr(err, 'problem', None) or err})."
+            ) from None
         if not isinstance(data, list):
             raise QuestionFormatError("YAML question file: expected a top-level list of questions.")
         questions = [_parse_one(item, f"question {i}") for i, item in enumerate(data)]
@@ -220,7 +228,7 @@ def load_questions(
             )
         text = path.read_text(encoding="utf-8")
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return parse_questions(text, _format_of(source.split("?")[0])), digest
+    return parse_questions(text, _format_of(source.split("?")[0]), source), digest
 
 
 def select_questions(
