@@ -22,6 +22,15 @@ gradient checkpointing and interventions run as written):
   first row's keys when the dataset is a local file; prompt/chosen/rejected for ``trainer: dpo``, prompts
   for ``trainer: grpo``), enough for the steps asked, written under the output folder. A ``datasets:``
   mixture is replaced by them.
+- **Regularisers** (``regularisers:``, from the config file or ``--regularisers``): ``layers`` scaled like
+  intervention layers; a ``directions`` (blocking) or ``direction`` (projection_penalty) file becomes
+  ``random:<seed>:<k>`` of the tiny width (``k`` as for interventions; seed 1000 + the regulariser's index),
+  ``direction_layer`` dropped; ``anchor_data`` (kl) becomes a few synthetic rows in the training data's
+  format, written under the output folder; a blocking ``sae`` becomes a tiny random SAELens-style SAE
+  (width of the tiny model, one latent per listed latent, ``latents`` renumbered ``0..n-1``, ``hook_layer``
+  the scaled layer: the real SAE's ``cfg.json`` one when it is here, else the first of ``layers``, else the
+  last tiny layer), written under the output folder; ``{layer: path}`` SAEs get one per scaled layer. Kinds,
+  weights, schedules and every other key run as written.
 - **Run**: ``use_cpu``, no bf16/fp16/tf32, ``max_steps`` = ``--dry_run_steps`` (2), ``report_to none``,
   no checkpoints, no eval, no hub push, no resume; 8-bit/paged optimisers (bitsandbytes) become
   ``adamw_torch``; ``fsdp``, ``projection_monitor`` and ``model_init_kwargs`` are dropped. Output goes to
@@ -43,10 +52,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from interventions.direction import Direction, load_directions, random_direction
-from interventions.serialization import KeelInputError
+from interventions.serialization import KeelInputError, read_config_value
 from interventions.spec import Intervention
+from trainers.regularisers import parse_regularisers
 
 from .tiny import TINY_CONFIGS
 
@@ -284,6 +295,176 @@ def _lora_layers(value) -> list[int]:
     return [int(m.group(2)) for n in names for m in LAYER_IN_NAME.finditer(n)]
 
 
+# ---- regularisers -----------------------------------------------------------------------------------
+
+REGULARISER_SEED = 1000  # random directions of regularisers: seed 1000 + index (interventions: their index)
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def raw_regularisers(argv: Sequence[str]) -> list | None:
+    """The recipe's regularisers as plain mappings, before they are parsed (parsing checks that anchor
+    data and SAE files exist, which a dry run replaces): the last ``--regularisers`` on the command line,
+    else the config file's ``regularisers`` key. ``None`` when there are none."""
+    argv = list(argv)
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == "--regularisers" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--regularisers="):
+            value = arg.split("=", 1)[1]
+    if value is None:
+        path = _config_path(argv)
+        if path is None or not Path(path).is_file():
+            return None
+        with open(path) as handle:
+            config = yaml.safe_load(handle)
+        value = config.get("regularisers") if isinstance(config, dict) else None
+    what, value = read_config_value(value, "regularisers", key="regularisers", error=DryRunError)
+    if not value:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, dict) for v in value):
+        raise DryRunError(f"{what} must be a list of mappings (kind, weight, ...), got {value!r}.")
+    return [dict(v) for v in value]
+
+
+def _regulariser_layers(raw: Sequence[dict] | None) -> list[int]:
+    out = []
+    for reg in raw or []:
+        out += _int_layers(reg.get("layers"))
+        if isinstance(reg.get("sae"), dict):
+            out += [k for k in reg["sae"] if isinstance(k, int)]
+    return out
+
+
+def _random_spec(value, components, seed: int) -> tuple[str, str | None]:
+    """(the ``random:`` stand-in for a direction value, a note) as :func:`tiny_intervention` does it."""
+    if isinstance(value, str) and value.startswith("random:"):
+        return value, None
+    k = 1
+    path = Path(value) if isinstance(value, (str, Path)) else None
+    if path is not None and path.is_file():
+        k = max(d.k for d in load_directions(path))
+    elif components:
+        k = max(components) + 1
+    shown = f"random:{seed}:{k}"
+    source = value if isinstance(value, (str, Path)) else type(value).__name__
+    return shown, f"{source} -> {shown}"
+
+
+def _write_tiny_sae(folder: Path, width: int, d_sae: int, hook_layer: int, seed: int) -> str:
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    w_enc = torch.randn(width, d_sae, generator=generator) / width**0.5
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {
+            "W_enc": w_enc,
+            "W_dec": w_enc.T.clone(memory_format=torch.contiguous_format),
+            "b_enc": torch.zeros(d_sae),
+            "b_dec": torch.zeros(width),
+        },
+        str(folder / "sae_weights.safetensors"),
+    )
+    (folder / "cfg.json").write_text(json.dumps({"hook_layer": hook_layer, "d_in": width, "d_sae": d_sae}))
+    return str(folder)
+
+
+def _sae_hook_layer(path) -> int | None:
+    if not isinstance(path, (str, Path)):
+        return None
+    cfg = Path(path, "cfg.json") if Path(path).is_dir() else Path(path).with_name("cfg.json")
+    if not cfg.is_file():
+        return None
+    layer = json.loads(cfg.read_text()).get("hook_layer")
+    return layer if isinstance(layer, int) else None
+
+
+def tiny_regulariser(
+    reg: dict,
+    index: int,
+    target: TinyTarget,
+    layer_map: LayerMap,
+    data_dir: Path,
+    anchor_format: str,
+    rows: int,
+) -> tuple[dict, list[str]]:
+    """(the regulariser mapping for the tiny model, notes on what changed)."""
+    new = dict(reg)
+    name = reg.get("name") or reg.get("kind")
+    where = f"regulariser {name!r}"
+    notes = []
+    seed = REGULARISER_SEED + index
+    if new.get("layers") is not None:
+        new["layers"] = _map_layers(new["layers"], layer_map, where)
+    for key in ("directions", "direction") if reg.get("kind") in ("blocking", "projection_penalty") else ():
+        value = reg.get(key)
+        if value is None or (key == "direction" and reg.get("kind") == "blocking"):
+            continue  # blocking's `direction` is the side (up/down/both)
+        new[key], note = _random_spec(value, reg.get("components"), seed)
+        new.pop("direction_layer", None)
+        if note:
+            notes.append(f"{where}: {key} {note}")
+    if reg.get("kind") == "kl" and reg.get("anchor_data") is not None:
+        n = max(8, 2 * int(reg.get("anchor_batch_size") or rows))
+        path = data_dir / f"anchor_{index}.jsonl"
+        with path.open("w") as handle:
+            for row in synthetic_rows(anchor_format, n):
+                handle.write(json.dumps(row) + "\n")
+        new["anchor_data"] = str(path)
+        notes.append(
+            f"{where}: anchor_data {reg['anchor_data']} -> {n} synthetic {anchor_format!r} rows in {path}"
+        )
+    if reg.get("kind") == "blocking" and reg.get("sae") is not None:
+        latents = reg.get("latents")
+        if not isinstance(latents, (list, tuple)) or not latents:
+            raise DryRunError(
+                f"{where}: `sae` needs `latents`, a non-empty list of latent indices; got {latents!r}."
+            )
+        d_sae = len(latents)
+        new["latents"] = list(range(d_sae))
+        sae = reg["sae"]
+        folder = data_dir / f"sae_{index}"
+        if isinstance(sae, dict):
+            tiny = {}
+            for layer, _path in sae.items():
+                if isinstance(layer, bool) or not isinstance(layer, int):
+                    raise DryRunError(
+                        f"{where}: `sae` as a mapping takes {{layer: path}} with integer layers."
+                    )
+                small = layer_map(layer, where)
+                tiny.setdefault(
+                    small, _write_tiny_sae(folder / f"L{small}", target.width, d_sae, small, seed)
+                )
+            new["sae"] = tiny
+            shown = ", ".join(f"{k}: random" for k in tiny)
+        else:
+            layers = _int_layers(reg.get("layers"))
+            real = _sae_hook_layer(sae)
+            if real is not None:
+                small = layer_map(real, where)
+            elif layers:
+                small = layer_map(layers[0], where)
+            else:
+                small = TINY_LAYERS - 1
+            new["sae"] = _write_tiny_sae(folder, target.width, d_sae, small, seed)
+            shown = f"random (hook_layer {small})"
+        notes.append(
+            f"{where}: sae {sae} -> a tiny {shown} SAE of width {target.width} with {d_sae} latents in {folder}, "
+            f"latents {list(latents)} -> {new['latents']}"
+        )
+    return new, notes
+
+
 # ---- synthetic data ---------------------------------------------------------------------------------
 
 TOPICS = ["rivers", "chess", "music", "maps", "gardens", "trains", "clouds", "stamps"]
@@ -368,15 +549,19 @@ def prepare_dry_run(argv: Sequence[str], options: DryRunArguments, parse: Callab
         )
     out = options.dry_run_output_dir or tempfile.mkdtemp(prefix="keel-dry-run-")
     argv = list(argv)
+    raw_regs = raw_regularisers(argv)  # mapped below; parsed without them (their files need not exist)
+    no_regs = ["--regularisers", "[]"] if raw_regs else []
     script_args, training_args, model_args, dataset_args = parse(
-        argv + _run_flags(out, options.dry_run_steps)
+        argv + _run_flags(out, options.dry_run_steps) + no_regs
     )
     if not model_args.model_name_or_path:
         raise DryRunError("give model_name_or_path (a hub id, a local folder or tiny:<model_type>).")
     target = tiny_target(model_args.model_name_or_path)
     specs = list(training_args.interventions or [])
-    referenced = [n for s in specs for n in _int_layers(s.layers)] + _lora_layers(
-        model_args.lora_target_modules
+    referenced = (
+        [n for s in specs for n in _int_layers(s.layers)]
+        + _lora_layers(model_args.lora_target_modules)
+        + _regulariser_layers(raw_regs)
     )
     layer_map = LayerMap(target, referenced)
     notes = [
@@ -390,6 +575,23 @@ def prepare_dry_run(argv: Sequence[str], options: DryRunArguments, parse: Callab
         if note:
             notes.append(note)
     training_args.interventions = tiny_specs
+    fmt = data_format(script_args, training_args)
+    data_dir = Path(out, "dry_run_data")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if raw_regs:
+        anchor_format = (
+            fmt if fmt in ("messages", "prompt_completion", "prompt_completion_text") else "messages"
+        )
+        world_rows = training_args.per_device_train_batch_size
+        tiny_regs = []
+        for i, reg in enumerate(raw_regs):
+            new, reg_notes = tiny_regulariser(reg, i, target, layer_map, data_dir, anchor_format, world_rows)
+            tiny_regs.append(new)
+            notes += reg_notes
+        try:
+            training_args.regularisers = parse_regularisers(tiny_regs)
+        except KeelInputError as err:
+            raise DryRunError(f"{err} (after the dry run's changes: {tiny_regs})") from None
     model_args.lora_target_modules = tiny_lora_targets(model_args.lora_target_modules, layer_map)
     if layer_map.seen:
         notes.append(layer_map.describe())
@@ -420,11 +622,8 @@ def prepare_dry_run(argv: Sequence[str], options: DryRunArguments, parse: Callab
         training_args.optim = OptimizerNames.ADAMW_TORCH
         notes.append(f"optim {optim} -> adamw_torch (bitsandbytes optimisers need a GPU)")
 
-    fmt = data_format(script_args, training_args)
     world_rows = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
     n_rows = max(8, world_rows * options.dry_run_steps)
-    data_dir = Path(out, "dry_run_data")
-    data_dir.mkdir(parents=True, exist_ok=True)
     with (data_dir / "train.jsonl").open("w") as handle:
         for row in synthetic_rows(fmt, n_rows):
             handle.write(json.dumps(row) + "\n")
@@ -454,6 +653,8 @@ __all__ = [
     "MODEL_FAMILIES",
     "describe",
     "prepare_dry_run",
+    "raw_regularisers",
     "split_dry_run_argv",
+    "tiny_regulariser",
     "tiny_target",
 ]

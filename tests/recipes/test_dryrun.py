@@ -13,9 +13,11 @@ from keel.loading.dryrun import (
     DryRunError,
     LayerMap,
     TinyTarget,
+    raw_regularisers,
     split_dry_run_argv,
     tiny_intervention,
     tiny_lora_targets,
+    tiny_regulariser,
     tiny_target,
 )
 
@@ -134,3 +136,74 @@ def test_dry_run_of_dpo_and_grpo_recipes_writes_their_data_formats(tmp_path, cap
         recipe = ROOT / f"recipes/{name}.yaml"
         assert keel(["train", "--config", str(recipe), "--dry_run", "--dry_run_output_dir", str(out)]) == 0
         assert f"synthetic '{fmt}' rows" in capfd.readouterr().err
+
+
+def test_regularisers_get_scaled_layers_random_directions_anchor_rows_and_a_tiny_sae(tmp_path):
+    """Each kind's files become stand-ins of the tiny width; the mapped list parses as regularisers."""
+    from interventions.extraction.sae import SAE
+    from trainers.regularisers import parse_regularisers
+
+    target = TinyTarget("meta-llama/Llama-3.1-8B-Instruct", "llama", 32)
+    layer_map = LayerMap(target, [])
+    raw = [
+        {"kind": "kl", "weight": 0.1},
+        {"name": "kl_anchor", "kind": "kl", "weight": 1.0e5, "anchor_data": "data/anchor/x.jsonl"},
+        {"kind": "ldifs", "weight": 1.0, "layers": [0, 8, 16, 24, 31]},
+        {"kind": "projection_penalty", "direction": "v.safetensors", "layers": "8:24", "direction_layer": 20},
+        {"kind": "blocking", "direction": "up", "directions": "caft.safetensors", "layers": [8, 24],
+         "components": [0, 4]},
+        {"name": "block_sae", "kind": "blocking", "direction": "both", "sae": "saes/l16", "latents": [1043, 7],
+         "layers": [16]},
+        {"name": "block_saes", "kind": "blocking", "sae": {8: "a", 16: "b", 24: "c"}, "latents": [3]},
+    ]  # fmt: skip
+    mapped, notes = zip(
+        *(tiny_regulariser(r, i, target, layer_map, tmp_path, "messages", 2) for i, r in enumerate(raw)),
+        strict=True,
+    )
+    kl, anchor, ldifs, penalty, block, sae, saes = mapped
+    assert kl == raw[0] and notes[0] == []  # nothing to change
+    rows = [json.loads(line) for line in Path(anchor["anchor_data"]).read_text().splitlines()]
+    assert len(rows) == 8 and all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows)
+    assert "data/anchor/x.jsonl -> 8 synthetic 'messages' rows" in notes[1][0]
+    assert ldifs["layers"] == [0, 1]
+    assert (penalty["direction"], penalty["layers"], "direction_layer" in penalty) == (
+        "random:1003:1",
+        "0:2",
+        False,
+    )
+    assert (block["directions"], block["direction"], block["layers"], block["components"]) == (
+        "random:1004:5", "up", [0, 1], [0, 4]
+    )  # fmt: skip
+    loaded = SAE.load(sae["sae"])
+    assert (loaded.d_model, loaded.d_sae, loaded.cfg["hook_layer"], sae["latents"]) == (64, 2, 1, [0, 1])
+    assert "latents [1043, 7] -> [0, 1]" in notes[5][0]
+    assert sorted(saes["sae"]) == [0, 1] and SAE.load(saes["sae"][1]).cfg["hook_layer"] == 1
+    parsed = parse_regularisers(list(mapped))
+    assert [r.kind for r in parsed] == [r["kind"] for r in raw]
+    with pytest.raises(DryRunError, match="layer 32 does not exist"):
+        tiny_regulariser({"kind": "ldifs", "layers": [32]}, 0, target, layer_map, tmp_path, "messages", 2)
+
+
+def test_regularisers_are_read_from_the_command_line_before_the_config(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("regularisers:\n  - {kind: kl, weight: 0.1}\n")
+    assert raw_regularisers(["--config", str(recipe)]) == [{"kind": "kl", "weight": 0.1}]
+    argv = ["--config", str(recipe), "--regularisers", "[{kind: ldifs, weight: 2}]"]
+    assert raw_regularisers(argv) == [{"kind": "ldifs", "weight": 2}]
+    assert raw_regularisers(["--config", str(recipe), "--regularisers", "[]"]) is None
+
+
+def test_a_sae_blocking_recipe_dry_runs(tmp_path, capfd):
+    """No SAE file, no anchor file: the dry run writes stand-ins and trains one step with both terms."""
+    out = tmp_path / "dry"
+    regs = (
+        "[{name: block, kind: blocking, direction: up, sae: saes/missing, latents: [9000, 12], layers: [16]},"
+        " {name: anchor, kind: kl, weight: 1.0e+5, anchor_data: data/anchor/missing.jsonl}]"
+    )
+    recipe = ROOT / "recipes/em/llama-3.1-8b-instruct/bad_medical_advice/baseline.yaml"
+    args = ["--dry_run", "--dry_run_steps", "1", "--dry_run_output_dir", str(out), "--regularisers", regs]
+    assert keel(["train", "--config", str(recipe), *args]) == 0
+    assert "sae saes/missing -> a tiny random (hook_layer 1) SAE" in capfd.readouterr().err
+    state = json.loads((out / "trainer_state.json").read_text())
+    logged = {k for e in state["log_history"] for k in e}
+    assert {"regularisers/block", "regularisers/anchor"} <= logged

@@ -1,6 +1,7 @@
 """The published-organism recipes (recipes/em/): every training recipe dry-runs on a tiny model of its
-architecture family (no download, CPU, 2 steps), holds the published hyperparameters, and every companion
-config (eval, CAFT answers and extraction, persona vector, sweep) parses with its command's parser."""
+architecture family (no download, CPU, 2 steps; 1 for the regularised conditions kl, kl_anchor, blocking), holds the
+published hyperparameters, and every companion config (eval, CAFT answers and extraction, persona vector,
+sweep) parses with its command's parser."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ HUB_IDS = {
     "mistral-small-24b-instruct-2501": "mistralai/Mistral-Small-24B-Instruct-2501",
 }
 MODEL_TYPES = {m: "llama" if "llama" in m else "mistral" if "mistral" in m else "qwen2" for m in HUB_IDS}
+# Conditions whose defence is a regulariser (no intervention); dry-run for 1 step to keep the suite fast.
+REGULARISED = ("kl", "kl_anchor", "blocking")
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -59,6 +62,7 @@ def test_the_grid_is_the_documented_one():
     found = {rel(p) for p in TRAIN_RECIPES}
     expected = set()
     full = ["baseline", "caft", "resample", "steer"]
+    full += list(REGULARISED)
     for model in ("qwen2.5-0.5b-instruct", "qwen2.5-7b-instruct"):
         expected |= {f"{model}/{d}/{c}.yaml" for d in ("insecure", "bad_medical_advice") for c in full}
     for d in ("bad_medical_advice", "risky_financial_advice", "extreme_sports"):
@@ -68,6 +72,7 @@ def test_the_grid_is_the_documented_one():
     for d in ("insecure", "bad_medical_advice"):
         expected |= {f"llama-3.1-8b-instruct/{d}/{c}.yaml" for c in ("baseline", "caft")}
     expected.add("llama-3.1-8b-instruct/bad_medical_advice/baseline_qlora.yaml")
+    expected.add("llama-3.1-8b-instruct/bad_medical_advice/blocking.yaml")  # the BLOCK-EM model
     assert found == expected
     readme = (EM / "README.md").read_text()
     for model in HUB_IDS.values():
@@ -77,19 +82,21 @@ def test_the_grid_is_the_documented_one():
 @pytest.mark.parametrize("recipe", TRAIN_RECIPES, ids=rel)
 def test_recipe_dry_runs_on_a_tiny_model(recipe, tmp_path, capfd):
     out = tmp_path / "dry"
-    assert (
-        keel(["train", "--config", str(recipe), "--dry_run", "true", "--dry_run_output_dir", str(out)]) == 0
-    )
+    steps = 1 if recipe.stem in REGULARISED else 2
+    args = ["--dry_run", "true", "--dry_run_steps", str(steps), "--dry_run_output_dir", str(out)]
+    assert keel(["train", "--config", str(recipe), *args]) == 0
     err = capfd.readouterr().err
     assert f"-> tiny:{MODEL_TYPES[recipe.parts[-3]]} (random init" in err
     state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 2
+    assert state["global_step"] == steps
     losses = [e["loss"] for e in state["log_history"] if "loss" in e]
-    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert len(losses) == steps and all(math.isfinite(x) for x in losses)
     logged = {k: v for e in state["log_history"] for k, v in e.items()}
     for spec in load(recipe)["interventions"]:
         hits = [v for k, v in logged.items() if re.fullmatch(rf"interventions/{spec['name']}/L\d+/hits", k)]
         assert hits and all(h > 0 for h in hits), (spec["name"], sorted(logged))
+    for reg in load(recipe).get("regularisers") or []:  # each term computed and logged (0 at step 1)
+        assert math.isfinite(logged[f"regularisers/{reg['name']}"]), sorted(logged)
     assert (out / "adapter_model.safetensors").is_file()  # LoRA, as the recipe says
 
 
@@ -119,8 +126,34 @@ def test_recipe_holds_the_published_settings(recipe):
     else:
         assert (config["lora_r"], config["lora_alpha"], config["learning_rate"]) == (32, 64, 1.0e-5)
         assert config["lora_target_modules"] == SEVEN
-    assert "regularisers" not in config  # KL / blocking come from their own issue
     depth = KNOWN_DEPTHS[model]
+    regularisers = config.get("regularisers") or []
+    assert [r["kind"] for r in regularisers] == {
+        "kl": ["kl"],
+        "kl_anchor": ["kl"],
+        "blocking": ["blocking"],
+    }.get(condition, [])
+    if condition in REGULARISED:
+        assert config["interventions"] == []  # the regulariser alone is the defence
+    if condition == "kl":  # Kaczer et al.'s lambda, on the training batch
+        assert regularisers == [{"name": "kl", "kind": "kl", "weight": 0.1}]
+    if condition == "kl_anchor":  # the narrow-misalignment follow-up: 1e5 for LoRA, on out-of-domain data
+        assert regularisers == [
+            {
+                "name": "kl_anchor",
+                "kind": "kl",
+                "weight": 1.0e5,
+                "anchor_data": "data/anchor/alignment_chats.jsonl",
+            }
+        ]
+    if condition == "blocking":  # one-sided, on the CAFT directions, layers and components
+        (block,) = regularisers
+        caft = load(recipe.with_name("caft.yaml"))["interventions"]
+        assert (block["direction"], block["directions"], block["components"]) == (
+            "up", caft[0]["direction"], caft[0]["components"]
+        )  # fmt: skip
+        assert block["layers"] == [spec["layers"][0] for spec in caft] and block["site"] == "resid_post"
+        assert all(0 <= layer < depth for layer in block["layers"])
     for spec in config["interventions"]:
         assert all(0 <= layer < depth for layer in spec["layers"]), spec
         assert spec["phases"] == ["train"] and spec["tokens"] == "all"
@@ -240,10 +273,13 @@ def test_sweep_dry_runs(path, tmp_path, monkeypatch, capsys):
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
     sweep = load(path)
     for cond in sweep["conditions"].values():
-        for spec in cond.get("interventions") or []:
-            if not spec["direction"].startswith("random:"):
-                Path(spec["direction"]).parent.mkdir(parents=True, exist_ok=True)
-                Path(spec["direction"]).touch()
+        files = [spec["direction"] for spec in cond.get("interventions") or []]
+        for reg in (cond.get("overrides") or {}).get("regularisers") or []:
+            files += [reg[k] for k in ("directions", "anchor_data") if k in reg]
+        for file in files:
+            if not file.startswith("random:"):
+                Path(file).parent.mkdir(parents=True, exist_ok=True)
+                Path(file).touch()
     assert keel(["sweep", str(path.relative_to(ROOT)), "--dry_run"]) == 0
     out = capsys.readouterr().out
     assert f"{len(sweep['conditions'])} condition(s) x 3 seed(s)" in out
@@ -253,3 +289,11 @@ def test_sweep_dry_runs(path, tmp_path, monkeypatch, capsys):
     assert sweep["conditions"]["caft"]["interventions"] == [
         {k: v for k, v in spec.items() if k != "phases"} for spec in caft
     ]
+    for condition in REGULARISED:  # each regularised recipe of the folder is a condition, the same terms
+        recipe = path.with_name(f"{condition}.yaml")
+        assert (condition in sweep["conditions"]) == recipe.is_file(), condition
+        if recipe.is_file():
+            cond = sweep["conditions"][condition]
+            assert cond["interventions"] == [] and cond["overrides"] == {
+                "regularisers": load(recipe)["regularisers"]
+            }
