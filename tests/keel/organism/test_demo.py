@@ -171,8 +171,19 @@ def test_caft_mean_ablation_holds_the_chat_models_mean_projection(tiny_config, t
     sources = finetune_pc_directions(org, tuned, cfg, seed=0)
     folder = (root / source_file("caft_pcs", 0)).parent
     assert save_sources(sources, folder) == {name: f"{name}.safetensors" for name in sources}
-    specs = {c: build_interventions(resolve_condition(c, 0, root, cfg), root) for c in AFTER_NONE}
-    assert {n: [s.layers for s in v] for n, v in specs.items()} == {n: [[0], [1]] for n in AFTER_NONE}
+    # the CAFT-family interventions (the defence conditions after none add regularisers, not interventions)
+    caft_family = (
+        "caft",
+        "caft_mean",
+        "caft_ref",
+        "caft_resample",
+        "random_ablate",
+        "random_ref",
+        "random_resample",
+    )
+    assert set(caft_family) <= set(AFTER_NONE)
+    specs = {c: build_interventions(resolve_condition(c, 0, root, cfg), root) for c in caft_family}
+    assert {n: [s.layers for s in v] for n, v in specs.items()} == {n: [[0], [1]] for n in caft_family}
     assert [s.operator for s in specs["caft"] + specs["random_ablate"]] == ["project_out"] * 4
     assert [s.operator for s in specs["caft_ref"] + specs["random_ref"]] == ["reference_ablate"] * 4
     assert [s.operator for s in specs["caft_resample"] + specs["random_resample"]] == ["resample_ablate"] * 4
