@@ -6,34 +6,18 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_sft_config
 
 from interventions import Direction, Intervention, InterventionSet, site_module
 from interventions.serialization import KeelInputError
-from trainers import InterventionSFTConfig, InterventionSFTTrainer, ProjectionMonitor
+from trainers import InterventionSFTTrainer, ProjectionMonitor
 from trainers.monitoring import tokenize_rows
 
 D = 64
 
 
 def _config(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        assistant_only_loss=True,
-        gradient_checkpointing=False,
-        seed=0,
-        data_seed=0,
-        dataloader_drop_last=True,
-    )
-    base.update(kw)
-    return InterventionSFTConfig(**base)
+    return tiny_sft_config(tmp_path / "out", **{"learning_rate": 1e-2, **kw})
 
 
 def _direction(seed=0, k=1, scale=1.0):

@@ -5,30 +5,14 @@ import shutil
 
 import pytest
 import torch
+from conftest import tiny_sft_config
 
 from interventions import Direction, ReferenceSource
-from trainers import InterventionSFTConfig, InterventionSFTTrainer
+from trainers import InterventionSFTTrainer
 
 
 def _config(out, **kw):
-    return InterventionSFTConfig(
-        output_dir=str(out),
-        max_steps=6,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=3,
-        assistant_only_loss=True,
-        gradient_checkpointing=False,
-        seed=0,
-        data_seed=0,
-        dataloader_drop_last=True,
-        **kw,
-    )
+    return tiny_sft_config(out, max_steps=6, learning_rate=1e-2, save_strategy="steps", save_steps=3, **kw)
 
 
 def _trainer(make_model, tokenizer, dataset, out, specs):

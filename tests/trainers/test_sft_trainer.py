@@ -2,33 +2,17 @@
 
 import pytest
 import torch
+from conftest import tiny_sft_config
 from peft import LoraConfig
 
 from interventions import Direction, projection, site_module, unpack_output
-from trainers import InterventionSFTConfig, InterventionSFTTrainer
+from trainers import InterventionSFTTrainer
 
 D = 64
 
 
 def _config(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        assistant_only_loss=True,
-        gradient_checkpointing=False,
-        seed=0,
-        data_seed=0,
-        dataloader_drop_last=True,
-    )
-    base.update(kw)
-    return InterventionSFTConfig(**base)
+    return tiny_sft_config(tmp_path / "out", **kw)
 
 
 def _direction(seed=0, k=1):
