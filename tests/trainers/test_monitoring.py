@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_sft_config
+from tiny_settings import tiny_sft_config
 
 from interventions import Direction, Intervention, InterventionSet, site_module
 from interventions.serialization import KeelInputError

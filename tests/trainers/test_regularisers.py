@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_sft_config
 from peft import LoraConfig
 from safetensors.torch import save_file
+from tiny_settings import tiny_sft_config
 
 from interventions import Direction
 from trainers import InterventionSFTTrainer

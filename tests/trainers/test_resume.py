@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_sft_config
+from tiny_settings import tiny_sft_config
 
 from interventions import Direction, ReferenceSource
 from trainers import InterventionSFTTrainer

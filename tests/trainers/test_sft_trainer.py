@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import tiny_sft_config
 from peft import LoraConfig
+from tiny_settings import tiny_sft_config
 
 from interventions import Direction, projection, site_module, unpack_output
 from trainers import InterventionSFTTrainer
