@@ -28,6 +28,7 @@ from interventions.tracking import (
     write_run_record,
 )
 
+from .console import use_readable_console
 from .distributed import check_distributed_setup
 from .monitoring import ProjectionMonitor, examples_from_dataset, parse_projection_monitor, tokenize_rows
 from .passes import PassRouter
@@ -111,6 +112,7 @@ class InterventionTrainerMixin:
         if refs:
             self.add_callback(DirectionLineageCallback(refs))
         self._init_projection_monitor(projection_monitor)
+        use_readable_console(self)
 
     # --- projection monitoring ---------------------------------------------------------------------
     def _init_projection_monitor(self, monitor) -> None:

@@ -1,5 +1,6 @@
 """A user-registered operator is usable by name from a YAML recipe through `keel train`."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,15 @@ def test_registered_operator_from_a_recipe(tmp_path, half_ablation, monkeypatch,
     path.write_text(yaml.safe_dump(recipe))
     monkeypatch.chdir(ROOT)
     assert keel(["train", "--config", str(path)]) == 0
-    logged = capfd.readouterr().out
-    assert "'interventions/half/L1/hits': '1'" in logged
+    (entry,) = [
+        e
+        for e in json.loads((tmp_path / "run" / "trainer_state.json").read_text())["log_history"]
+        if "interventions/half/L1/hits" in e and e["step"] == 1
+    ]
+    assert entry["interventions/half/L1/hits"] == 1.0
     # half the projection is removed: proj_after = proj_before / 2 on every token
-    before = float(logged.split("'interventions/half/L1/proj_before': '")[1].split("'")[0])
-    after = float(logged.split("'interventions/half/L1/proj_after': '")[1].split("'")[0])
+    before, after = entry["interventions/half/L1/proj_before"], entry["interventions/half/L1/proj_after"]
     assert after == pytest.approx(before / 2, rel=1e-3)
+    assert (
+        "'interventions/half/proj_after'" in capfd.readouterr().out
+    )  # the console's per-intervention summary

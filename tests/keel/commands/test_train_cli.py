@@ -108,9 +108,12 @@ def test_keel_train_runs_the_tiny_recipe(tmp_path, monkeypatch, capfd):
     )
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
     logged = capfd.readouterr().out
-    # the recipe's ablation ran at both layers and left ~zero projection
-    assert "'interventions/ablate_random/L0/proj_after'" in logged
-    assert "'interventions/ablate_random/L1/hits': '1'" in logged
+    # the recipe's ablation ran at both layers: per layer in the run's JSON log (and W&B) ...
+    history = [e for e in log_history(out) if "interventions/ablate_random/L1/hits" in e]
+    assert history and all(e["interventions/ablate_random/L1/hits"] == 1.0 for e in history)
+    assert all(e["interventions/ablate_random/L0/proj_after"] < 1e-4 for e in history)
+    # ... and one summary per intervention on the console
+    assert "'interventions/ablate_random/hits': '1'" in logged and "/L0/" not in logged
 
 
 def test_keel_rejects_unknown_commands(capsys):
