@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-TINY_SFT_SETTINGS = dict(
-    max_steps=4,
-    per_device_train_batch_size=4,
-    learning_rate=1e-3,
+# What every tiny CPU trainer test sets, whatever the TRL trainer: deterministic, a log per step, no saving.
+TINY_TRAINER_SETTINGS = dict(
     use_cpu=True,
     bf16=False,
     report_to=[],
     logging_steps=1,
     save_strategy="no",
-    assistant_only_loss=True,
     gradient_checkpointing=False,
     seed=0,
+)
+
+TINY_SFT_SETTINGS = dict(
+    TINY_TRAINER_SETTINGS,
+    max_steps=4,
+    per_device_train_batch_size=4,
+    learning_rate=1e-3,
+    assistant_only_loss=True,
     data_seed=0,
     dataloader_drop_last=True,
 )

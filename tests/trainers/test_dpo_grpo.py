@@ -10,6 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from tiny_settings import TINY_TRAINER_SETTINGS
 
 from interventions import Direction, parse_interventions
 from interventions.bake import bake_ablation, equivalent_interventions
@@ -66,21 +67,14 @@ def varied_reward(completions, **kwargs):
 
 
 def _common(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        learning_rate=1e-2,
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        gradient_checkpointing=False,
-        seed=0,
-        data_seed=0,
-    )
-    base.update(kw)
-    return base
+    return {
+        **TINY_TRAINER_SETTINGS,
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 2,
+        "learning_rate": 1e-2,
+        "data_seed": 0,
+        **kw,
+    }
 
 
 def dpo(make_model, tokenizer, prefs, tmp_path, specs, peft=False, **kw):

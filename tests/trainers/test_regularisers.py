@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig
 from safetensors.torch import save_file
-from tiny_settings import tiny_sft_config
+from tiny_settings import TINY_TRAINER_SETTINGS, tiny_sft_config
 
 from interventions import Direction
 from trainers import InterventionSFTTrainer
@@ -592,20 +592,13 @@ def test_kl_term_on_a_batch_uses_the_task_loss_positions():
 
 
 def _dpo_grpo_common(tmp_path, **kw):
-    return dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        gradient_checkpointing=False,
-        seed=0,
-        **kw,
-    )
+    settings = {
+        **TINY_TRAINER_SETTINGS,
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 2,
+        "learning_rate": 1e-2,
+    }
+    return {**settings, "per_device_train_batch_size": 2, **kw}
 
 
 def test_dpo_batch_terms_and_anchor_kl(make_model, tokenizer, tmp_path):

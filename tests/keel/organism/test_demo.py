@@ -40,7 +40,8 @@ def test_tiny_demo_end_to_end(tiny_config, tmp_path):
     out = tmp_path / "demo"
     on_disk = json.loads((out / "summary.json").read_text())
     assert set(on_disk["conditions"]) == set(CONDITIONS) and "config" in on_disk
-    assert set(on_disk) == {"conditions", "chat_baseline", "config", "wall_seconds", "wandb_group"}
+    timing = {"wall_seconds"}  # recorded, not asserted on: speed belongs in benchmarks
+    assert set(on_disk) - timing == {"conditions", "chat_baseline", "config", "wandb_group"}
     for c in on_disk["conditions"].values():
         for metric in ("in_domain_misaligned", "heldout_misaligned", "incoherent"):
             assert set(c[metric]) == {"mean", "ci_low", "ci_high"}
