@@ -65,7 +65,7 @@ from transformers.pytorch_utils import Conv1D
 from .direction import Direction, DirectionError, load_directions
 from .serialization import KeelInputError
 from .sites import decoder_layers, hidden_size, resolve_layers, unwrap_model
-from .spec import Intervention
+from .spec import Intervention, SpecError, prepare_direction
 
 BAKED_KEY = "keel_baked"
 BAKE_FORMAT = "keel.baked/v1"
@@ -483,38 +483,18 @@ def _direction_arg(direction, union: bool):
 
 
 def _basis_and_target(spec: Intervention, direction: Direction) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Orthonormal ``[k, d]`` basis (float64) and the projection target (None for project_out), prepared as
-    the hook runtime prepares them."""
-    mean = direction.mean
-    if direction.k == 1:
-        norm = direction.vectors.norm()
-        basis = direction.vectors / norm
-        mean = None if mean is None else mean / norm
-    elif direction.is_orthonormal():
-        basis = direction.vectors
-    else:
-        if spec.operator == "mean_ablate" and mean is not None:
-            raise BakeError(
-                f"Intervention {spec.name!r}: mean_ablate needs an orthonormal direction with its mean computed "
-                "on that basis; orthonormalize first (Direction.orthonormalized()) and recompute the mean."
-            )
-        basis = direction.orthonormalized().vectors
+    """Orthonormal ``[k, d]`` basis (float64) and the projection target (None for project_out), prepared
+    exactly as the hook runtime prepares them (``spec.prepare_direction``)."""
+    try:
+        basis, mean, value = prepare_direction(spec, direction)
+    except SpecError as err:
+        raise BakeError(str(err)) from None
     if spec.operator == "project_out":
         target = None
     elif spec.operator == "mean_ablate":
-        if mean is None:
-            raise BakeError(
-                f"Intervention {spec.name!r}: mean_ablate needs the direction's reference mean projection "
-                "(Direction.mean); extract it with a reference mean, or bake project_out / clamp."
-            )
         target = mean
     else:
-        value = torch.as_tensor(spec.value, dtype=torch.float64).reshape(-1)
-        if value.numel() not in (1, direction.k):
-            raise BakeError(
-                f"Intervention {spec.name!r}: value has {value.numel()} entries; give one or k={direction.k}."
-            )
-        target = value.expand(direction.k)
+        target = value.reshape(-1).expand(direction.k)
     basis = basis.double()
     return basis, None if target is None else target.double() @ basis
 

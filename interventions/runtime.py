@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from . import operators
-from .direction import Direction, DirectionError
+from .direction import DirectionError
 from .sites import decoder_layers, hidden_size, register_site_hook, resolve_layers, unwrap_model
-from .spec import Intervention, SpecError, check_unique_names
+from .spec import Intervention, check_unique_names, prepare_direction
 
 # Sets attached to each model (weakly held: a model that is gone takes its entry with it).
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -171,7 +171,7 @@ class InterventionSet:
                     direction.check_usable(d_model)
                 except DirectionError as err:
                     raise DirectionError(f"Intervention {spec.name!r} at layer {layer}: {err}") from None
-                vectors, mean, value = _prepare(spec, direction)
+                vectors, mean, value = prepare_direction(spec, direction)
                 needs_basis = operators.BASIS in spec.op.needs
                 basis = vectors if needs_basis else direction.orthonormalized().vectors
                 op = _BoundOp(spec, layer, vectors, basis, mean, value, spec.coefficient_at(0))
@@ -334,39 +334,3 @@ class InterventionSet:
             out[f"{prefix}{key}/hits"] = hits / max(processes, 1)
         self._stats = {}
         return out
-
-
-def _prepare(
-    spec: Intervention, direction: Direction
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(vectors, mean, value) in the form the operator declares it needs: orthonormal rows for a basis."""
-    needs = spec.op.needs
-    value = None
-    if operators.VALUE in needs or spec.value is not None:
-        value = torch.as_tensor(spec.value, dtype=torch.float32)
-        if value.numel() not in (1, direction.k):
-            raise SpecError(
-                f"Intervention {spec.name!r}: value has {value.numel()} entries; give one or k={direction.k}."
-            )
-    if operators.BASIS not in needs:
-        return direction.vectors, None, value
-    mean = direction.mean
-    if direction.k == 1:
-        norm = direction.vectors.norm()
-        vectors = direction.vectors / norm
-        mean = None if mean is None else mean / norm
-    elif direction.is_orthonormal():
-        vectors = direction.vectors
-    else:
-        if mean is not None and operators.MEAN in needs:
-            raise SpecError(
-                f"Intervention {spec.name!r}: {spec.operator} needs an orthonormal direction with its mean "
-                "computed on that basis; orthonormalize first (Direction.orthonormalized()) and recompute the mean."
-            )
-        vectors = direction.orthonormalized().vectors
-    if operators.MEAN in needs and mean is None:
-        raise SpecError(
-            f"Intervention {spec.name!r}: {spec.operator} needs the direction's reference mean projection "
-            "(Direction.mean); extract it with a reference mean, or use project_out / clamp."
-        )
-    return vectors, mean, value

@@ -22,7 +22,7 @@ from .direction import (
     load_directions,
     random_direction,
 )
-from .operators import OPERATORS, Operator
+from .operators import BASIS, MEAN, OPERATORS, VALUE, Operator
 from .serialization import KeelInputError, from_dict, read_config_value
 from .sites import SITE_KINDS, parse_layers
 from .tracking import fetch_direction_artifact
@@ -305,3 +305,40 @@ def parse_interventions(value, what: str = "interventions") -> list[Intervention
     specs = [Intervention.from_dict(i) for i in value]
     check_unique_names(specs)
     return specs
+
+
+def prepare_direction(
+    spec: Intervention, direction: Direction
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(vectors, mean, value) in the form the operator declares it needs: orthonormal rows for a basis
+    (a single row normalised, its mean scaled with it). The hook runtime and weight baking both use it."""
+    needs = spec.op.needs
+    value = None
+    if VALUE in needs or spec.value is not None:
+        value = torch.as_tensor(spec.value, dtype=torch.float32)
+        if value.numel() not in (1, direction.k):
+            raise SpecError(
+                f"Intervention {spec.name!r}: value has {value.numel()} entries; give one or k={direction.k}."
+            )
+    if BASIS not in needs:
+        return direction.vectors, None, value
+    mean = direction.mean
+    if direction.k == 1:
+        norm = direction.vectors.norm()
+        vectors = direction.vectors / norm
+        mean = None if mean is None else mean / norm
+    elif direction.is_orthonormal():
+        vectors = direction.vectors
+    else:
+        if mean is not None and MEAN in needs:
+            raise SpecError(
+                f"Intervention {spec.name!r}: {spec.operator} needs an orthonormal direction with its mean "
+                "computed on that basis; orthonormalize first (Direction.orthonormalized()) and recompute the mean."
+            )
+        vectors = direction.orthonormalized().vectors
+    if MEAN in needs and mean is None:
+        raise SpecError(
+            f"Intervention {spec.name!r}: {spec.operator} needs the direction's reference mean projection "
+            "(Direction.mean); extract it with a reference mean, or use project_out / clamp."
+        )
+    return vectors, mean, value
