@@ -400,7 +400,7 @@ def _read_answers(args: EvalArguments, questions) -> tuple[list[dict], str]:
     return rows, sha256_file(args.answers)
 
 
-def _preflight(args: EvalArguments, out: Path) -> _Plan:
+def check_before_loading(args: EvalArguments, out: Path) -> _Plan:
     """Every check that needs no model: fails in seconds, before anything is generated or written."""
     if args.report_to not in ("none", "wandb"):
         _fail(f"unknown --report-to {args.report_to!r}; use none or wandb.")
@@ -505,7 +505,7 @@ def run(args: EvalArguments) -> dict:
     """Run an EM evaluation; returns the metrics (also written to ``<output_dir>/metrics.json``; {} with
     --judge none). Fails with SystemExit (message, exit 1) and ``status.json`` state ``failed``."""
     out = Path(args.output_dir)
-    plan = _preflight(args, out)
+    plan = check_before_loading(args, out)
     generation, judging = plan.fingerprint(args)
     folder = RunFolder(out)
     try:

@@ -379,7 +379,7 @@ def _check_evaluation(sweep: SweepFile, runs: list[RunSpec]) -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             args = eval_command.EvalArguments(output_dir=tmp, **options)
-            eval_command._preflight(args, Path(tmp))
+            eval_command.check_before_loading(args, Path(tmp))
     except SystemExit as err:
         _fail(f"evaluation: {err.code}")
     except (TypeError, ValueError) as err:
