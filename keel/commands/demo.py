@@ -65,6 +65,18 @@ class DemoArguments:
     progress: bool = field(
         default=DemoConfig.progress, metadata={"help": "Show progress bars (--no_progress: none)."}
     )
+    rebuild: bool = field(
+        default=DemoConfig.rebuild,
+        metadata={"help": "Train the organisms from scratch instead of loading keel's shipped builds."},
+    )
+    reemergence: str = field(
+        default=DemoConfig.reemergence,
+        metadata={
+            "help": "Measure every condition again after a fine-tune long_factor (3) times as long: auto "
+            "(with five seeds or more), on, off.",
+            "choices": ("auto", "on", "off"),
+        },
+    )
     executor: str | None = field(
         default=None,
         metadata={
@@ -75,7 +87,16 @@ class DemoArguments:
     )
 
 
-OVERRIDES = ("workers", "conditions", "output_dir", "cache_dir", "wandb", "progress")
+OVERRIDES = (
+    "workers",
+    "conditions",
+    "output_dir",
+    "cache_dir",
+    "wandb",
+    "progress",
+    "rebuild",
+    "reemergence",
+)
 
 
 def make_parser(config: DemoConfig | None = None) -> TrlParser:
@@ -144,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(open(f"{cfg.output_dir}/report.md").read())
     print(f"Wrote {cfg.output_dir}/summary.json, report.md, plot.png in {summary['wall_seconds']:.0f} s.")
+    failed = summary["em_reproduced"]["not_reproduced"]
+    if failed:
+        print(
+            f"{PROG}: warning: EM did not reproduce on seed(s) {failed} (none's EM below "
+            f"{summary['em_reproduced']['threshold']:g}); report.md gives those seeds apart.",
+            file=sys.stderr,
+        )
     return 0
 
 

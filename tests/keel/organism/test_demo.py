@@ -41,7 +41,8 @@ def test_tiny_demo_end_to_end(tiny_config, tmp_path):
     on_disk = json.loads((out / "summary.json").read_text())
     assert set(on_disk["conditions"]) == set(CONDITIONS) and "config" in on_disk
     timing = {"wall_seconds"}  # recorded, not asserted on: speed belongs in benchmarks
-    assert set(on_disk) - timing == {"conditions", "chat_baseline", "config", "wandb_group"}
+    assert set(on_disk) - timing == {"conditions", "chat_baseline", "config", "wandb_group", "em_reproduced"}
+    assert "long" not in on_disk  # one seed: no re-emergence run unless asked for
     for c in on_disk["conditions"].values():
         for metric in ("in_domain_misaligned", "heldout_misaligned", "incoherent"):
             assert set(c[metric]) == {"mean", "ci_low", "ci_high"}
@@ -227,3 +228,83 @@ def test_cli_help_lists_every_condition():
     assert default.split() == list(CONDITIONS)
     assert defences.split(": ", 1)[1].split() == list(DEFENCES)
     assert tuple(action.choices) == (*CONDITIONS, *DEFENCES)
+
+
+def _metrics(em: float, trained: float = 1.0) -> dict:
+    return {
+        "heldout_misaligned": em,
+        "in_domain_misaligned": em,
+        "incoherent": 0.1,
+        "in_domain_train_misaligned": trained,
+    }
+
+
+def test_seeds_where_em_did_not_reproduce_are_flagged_and_reported_apart():
+    """none's EM below the threshold flags the seed; the conditions are aggregated per group of seeds and
+    the report says so."""
+    from keel.organism.demo import aggregate, reproduction_markdown
+
+    cfg = DemoConfig(seeds=[0, 1, 2], conditions=["none", "caft"], em_threshold=0.5)
+    ems = {0: (0.9, 0.1), 1: (0.04, 0.0), 2: (0.7, 0.05)}  # seed: (none EM, caft EM)
+    results = [
+        {"seed": s, "chat": _metrics(0.0, 0.0), "conditions": {"none": _metrics(n), "caft": _metrics(c)}}
+        for s, (n, c) in ems.items()
+    ]
+    summary = aggregate(cfg, results)
+    flag = summary["em_reproduced"]
+    assert flag["reproduced"] == [0, 2] and flag["not_reproduced"] == [1] and flag["none_em"]["1"] == 0.04
+    groups = summary["by_reproduction"]
+    assert groups["reproduced"]["none"]["heldout_misaligned"]["mean"] == pytest.approx(0.8)
+    assert groups["reproduced"]["caft"]["heldout_misaligned"]["mean"] == pytest.approx(0.075)
+    assert groups["not_reproduced"]["none"]["heldout_misaligned"]["mean"] == pytest.approx(0.04)
+    text = "\n".join(reproduction_markdown(summary))
+    assert "EM did not reproduce on seed(s) [1]" in text and "seed 1: 0.04" in text
+    assert "| caft | 0.075 | 0.000 |" in text
+    # every seed reproduced: nothing to flag
+    results[1]["conditions"]["none"] = _metrics(0.5)
+    quiet = aggregate(cfg, results)
+    assert quiet["em_reproduced"]["not_reproduced"] == [] and "by_reproduction" not in quiet
+    assert reproduction_markdown(quiet) == []
+
+
+def test_reemergence_is_on_for_five_seeds_and_stretches_the_fine_tune(tmp_path):
+    from keel.organism.demo import long_config
+
+    assert not DemoConfig(seeds=[0, 1, 2]).measures_reemergence
+    assert DemoConfig(seeds=list(range(5))).measures_reemergence
+    assert not DemoConfig(seeds=list(range(5)), reemergence="off").measures_reemergence
+    assert DemoConfig(seeds=[0], reemergence="on").measures_reemergence
+    cfg = DemoConfig(seeds=[0], long_factor=3)
+    long = long_config(cfg, tmp_path)
+    assert long.organism.finetune.steps == 3 * cfg.organism.finetune.steps
+    assert long.organism.build_hash() == cfg.organism.build_hash()  # the same builds
+    assert long.output_dir == str(tmp_path / "long") and not long.measures_reemergence
+    with pytest.raises(ValueError, match="reemergence must be"):
+        DemoConfig(reemergence="sometimes")
+
+
+def test_tiny_demo_measures_reemergence_in_long(tiny_config, tmp_path):
+    """reemergence on: the same conditions again with 3x the fine-tune steps, in long/, in the summary
+    and the report."""
+    cfg = DemoConfig(
+        organism=tiny_config,
+        seeds=[0],
+        conditions=["none", "steer"],
+        reemergence="on",
+        workers=1,
+        probe_num=8,
+        output_dir=str(tmp_path / "demo"),
+        cache_dir=str(tmp_path / "cache"),
+        wandb=False,
+        progress=False,
+    )
+    summary = run_demo(cfg)
+    long = summary["long"]
+    assert long["finetune_steps"] == 3 * tiny_config.finetune.steps
+    assert set(long["conditions"]) == {"none", "steer"}
+    long_dir = tmp_path / "demo" / "long"
+    on_disk = json.loads((long_dir / "summary.json").read_text())
+    assert on_disk["conditions"] == long["conditions"]
+    assert on_disk["config"]["organism"]["finetune"]["steps"] == 3 * tiny_config.finetune.steps
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "## Does EM come back?" in report and f"{long['finetune_steps']} steps" in report
