@@ -10,6 +10,8 @@ from interventions.spec import parse_interventions
 from .monitoring import parse_projection_monitor
 from .regularisers import parse_regularisers
 
+REFERENCE_MODES = ("live", "precomputed")
+
 
 @dataclass
 class InterventionArguments:
@@ -22,6 +24,17 @@ class InterventionArguments:
             "help": "Interventions to apply: a list of mappings with keys operator, direction, site, layers, "
             "tokens, phases, coefficient, schedule, value, components, direction_layer, name; on the command "
             "line a YAML/JSON list ('[]' for none) or the path of a YAML file holding one."
+        },
+    )
+    intervention_reference: str = field(
+        default="live",
+        metadata={
+            "help": "Where reference_ablate / resample_ablate read the starting model's projections: 'live' (a "
+            "reference forward per batch: a frozen copy of the model, or a PEFT model with its adapters off) or "
+            "'precomputed' (one pass of the starting model over the training data before training, kept per "
+            "example, keyed by its tokens; no reference forward and no copy of the weights during training). "
+            "precomputed falls back to live, with a warning, where batches cannot be keyed (padding-free "
+            "packing, iterable datasets, DPO/GRPO, regularisers that read the reference pass anyway)."
         },
     )
     intervention_layers_path: str | None = field(
@@ -65,6 +78,11 @@ class InterventionArguments:
     def __post_init__(self):
         super().__post_init__()  # the TRL config's own checks
         # Fail at config time on unknown keys or bad values, not after the model is loaded.
+        if self.intervention_reference not in REFERENCE_MODES:
+            raise ValueError(
+                f"intervention_reference must be one of {', '.join(REFERENCE_MODES)}; got "
+                f"{self.intervention_reference!r}."
+            )
         self.interventions = parse_interventions(self.interventions)
         self.projection_monitor = parse_projection_monitor(self.projection_monitor)
         self.regularisers = parse_regularisers(self.regularisers)

@@ -11,15 +11,26 @@ logs through ``log``.
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from interventions import Intervention, InterventionSet
-from interventions.reference import ReferenceSource
+from interventions.reference import (
+    REFERENCE_KEYS,
+    ReferenceKeyCollator,
+    ReferenceKeyError,
+    ReferenceSource,
+    example_key,
+    frozen_copy,
+    is_peft_model,
+)
 from interventions.tracking import (
     intervention_tags,
     record_direction_lineage,
@@ -33,6 +44,8 @@ from .distributed import check_distributed_setup
 from .monitoring import ProjectionMonitor, examples_from_dataset, parse_projection_monitor, tokenize_rows
 from .passes import PassRouter
 from .regularisers import RegulariserSet
+
+logger = logging.getLogger(__name__)
 
 
 class DirectionLineageCallback(TrainerCallback):
@@ -94,6 +107,12 @@ class InterventionTrainerMixin:
     intervention_passes: PassRouter | None = None
     projection_monitor: ProjectionMonitor | None = None
     _monitor_pending: dict[str, float] | None = None
+    # Whether this trainer's training batches are the model's own inputs, one row per dataset example (SFT),
+    # so that a precomputed reference can be keyed by example (intervention_reference='precomputed').
+    precomputed_reference_supported: bool = False
+    # 'live' or 'precomputed': how reference_ablate / resample_ablate get the starting model's values
+    reference_mode: str = "live"
+    _reference_precompute_pending: bool = False
 
     def _init_interventions(self, interventions, reference_model=None, projection_monitor=None) -> None:
         specs = interventions if interventions is not None else getattr(self.args, "interventions", None)
@@ -102,9 +121,17 @@ class InterventionTrainerMixin:
         self.intervention_reference: ReferenceSource | None = None
         self.regularisers = RegulariserSet.from_args(self.args, self.model, layers_path)
         if self.intervention_set.needs_reference or (self.regularisers and self.regularisers.needs_reference):
-            self.intervention_reference = ReferenceSource.for_model(
-                self.model, reference_model, seed=self.args.seed, layers_path=layers_path
-            )
+            self.reference_mode = self._reference_mode(reference_model, projection_monitor)
+            if self.reference_mode == "precomputed":
+                self.intervention_reference = ReferenceSource.for_precompute(
+                    self.model, reference_model, seed=self.args.seed, layers_path=layers_path
+                )
+                self.data_collator = ReferenceKeyCollator(self.data_collator)
+                self._reference_precompute_pending = True
+            else:
+                self.intervention_reference = ReferenceSource.for_model(
+                    self.model, reference_model, seed=self.args.seed, layers_path=layers_path
+                )
             self.add_callback(ReferenceStateCallback(self.intervention_reference))
         if self.regularisers is not None:
             self.regularisers.bind(self, self.intervention_reference)
@@ -113,6 +140,145 @@ class InterventionTrainerMixin:
             self.add_callback(DirectionLineageCallback(refs))
         self._init_projection_monitor(projection_monitor)
         use_readable_console(self)
+
+    # --- precomputed reference (intervention_reference='precomputed') --------------------------------
+    def _reference_mode(self, reference_model, projection_monitor) -> str:
+        """'precomputed' when asked for and every training batch can find its rows; else 'live', with a
+        warning that says why when precomputed was asked for."""
+        if getattr(self.args, "intervention_reference", "live") != "precomputed":
+            return "live"
+        reasons = []
+        if not self.precomputed_reference_supported:
+            reasons.append(
+                f"{type(self).__name__}'s batches are not one model input per dataset example (DPO pairs, "
+                "GRPO's generated completions)"
+            )
+        if self.regularisers is not None and self.regularisers.needs_reference:
+            reasons.append(
+                "a regulariser (kl, ldifs, blocking) runs the reference forward on every batch anyway"
+            )
+        if getattr(self.args, "padding_free", False) or getattr(self.data_collator, "padding_free", False):
+            reasons.append("padding-free batches flatten several examples into one row")
+        dataset = self.train_dataset
+        if (
+            dataset is None
+            or not hasattr(dataset, "__len__")
+            or isinstance(dataset, torch.utils.data.IterableDataset)
+        ):
+            reasons.append(
+                "the training dataset has no length (an iterable dataset): no pass over it before training"
+            )
+        elif len(dataset) and "input_ids" not in dataset[0]:
+            reasons.append("the training dataset's rows have no input_ids to key them by")
+        monitor = (
+            projection_monitor
+            if projection_monitor is not None
+            else getattr(self.args, "projection_monitor", None)
+        )
+        if monitor is not None and reference_model is None and not is_peft_model(self.model):
+            reasons.append(
+                "the projection monitor runs the reference operators on its own examples, which needs the live "
+                "reference model"
+            )
+        if not reasons:
+            return "precomputed"
+        message = (
+            "intervention_reference='precomputed' falls back to the live reference (a reference forward per "
+            f"batch; same values): {'; '.join(reasons)}."
+        )
+        logger.warning(message)
+        warnings.warn(message, stacklevel=3)
+        return "live"
+
+    def precompute_reference(self) -> float | None:
+        """Run the precomputed reference's one-off pass now (``train()`` runs it when it has not run yet);
+        returns its seconds, or None when there is nothing to precompute (live reference, or done already)."""
+        if not self._reference_precompute_pending:
+            return None
+        self._precompute_reference()
+        return self.intervention_reference.precompute_seconds
+
+    def _precompute_reference(self) -> None:
+        """The one-off pass: the starting model over the first epoch's training batches (same order, padding and
+        composition as training will see them, so the values equal the live pass's bit for bit), then over any
+        example that epoch leaves out (other processes' shards, a dropped last batch) and the evaluation data
+        when an intervention reads the reference in ``eval``. Batches that cannot be keyed: back to live."""
+        source = self.intervention_reference
+        start = time.perf_counter()
+        pad = self._monitor_pad_id()
+        try:
+            # the sampler's draws (and anything random) must not move the RNG training starts from
+            with torch.random.fork_rng(devices=[]):
+                loader = self.get_train_dataloader()
+                for sampler in (
+                    loader,
+                    getattr(getattr(loader, "batch_sampler", None), "batch_sampler", None),
+                ):
+                    if hasattr(sampler, "set_epoch"):
+                        sampler.set_epoch(0)  # what train() sets for the first epoch
+                extend_to = self._longest_train_row() if self._reads_padding() else None
+                # training runs the model accelerate prepares under its mixed-precision autocast: so does the live
+                # pass of a PEFT policy with adapters off (a frozen copy or a model of your own is not prepared)
+                autocast = None
+                if source.model is self.model and not source.starting_model and self.accelerator.native_amp:
+                    autocast = self.accelerator.autocast
+                settings = dict(pad_token_id=pad, extend_to=extend_to, autocast=autocast)
+                source.precompute(self.intervention_set, loader, **settings)
+                source.precompute(self.intervention_set, self._unseen_train_batches(), **settings)
+                if any("eval" in op.spec.phases for op in self.intervention_set.reference_ops()):
+                    for dataset in self._eval_datasets():
+                        source.precompute(
+                            self.intervention_set, self.get_eval_dataloader(dataset), autocast=autocast
+                        )
+        except ReferenceKeyError as err:
+            message = f"intervention_reference='precomputed' falls back to the live reference: the batches hold {err}."
+            logger.warning(message)
+            warnings.warn(message, stacklevel=3)
+            source.table = None
+            self.reference_mode = "live"
+            if source.starting_model:  # the frozen copy the live path reads
+                source.model, source.starting_model = frozen_copy(self.model), False
+        source.precompute_seconds = time.perf_counter() - start
+        source.release()
+        self._reference_precompute_pending = False
+        if source.table is not None:
+            logger.info(
+                "Precomputed reference: %d examples, %.1f MB, %d forwards in %.2fs",
+                len(source.table),
+                source.table.nbytes / 2**20,
+                source.precompute_passes,
+                source.precompute_seconds,
+            )
+
+    def _reads_padding(self) -> bool:
+        """resample_ablate reads another row's values, at that row's padding positions too."""
+        return any(op.spec.op.resample for op in self.intervention_set.reference_ops())
+
+    def _longest_train_row(self) -> int:
+        longest = max(len(ids) for ids in self.train_dataset["input_ids"]) if len(self.train_dataset) else 0
+        multiple = getattr(self.data_collator, "pad_to_multiple_of", None)
+        if multiple:
+            longest = -(-longest // multiple) * multiple
+        return longest
+
+    def _unseen_train_batches(self):
+        """Batches (the trainer's batch size and collator) of the training examples not in the table yet."""
+        table, dataset = self.intervention_reference.table, self.train_dataset
+        unseen = [i for i in range(len(dataset)) if example_key(dataset[i]) not in table]
+        if not unseen:
+            return []
+        return torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, unseen),
+            batch_size=self.args.per_device_train_batch_size,
+            collate_fn=self.data_collator,
+        )
+
+    def _eval_datasets(self) -> list:
+        if self.eval_dataset is None:
+            return []
+        if isinstance(self.eval_dataset, dict):
+            return list(self.eval_dataset)  # get_eval_dataloader takes the name
+        return [self.eval_dataset]
 
     # --- projection monitoring ---------------------------------------------------------------------
     def _init_projection_monitor(self, monitor) -> None:
@@ -222,6 +388,7 @@ class InterventionTrainerMixin:
                     "continues with fresh row shifts, so the resumed run will not equal an uninterrupted one.",
                     stacklevel=2,
                 )
+        self.precompute_reference()
         self._start_wandb_run()
         with self.intervention_set, self._passes(), self._regularising():
             return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -265,20 +432,30 @@ class InterventionTrainerMixin:
             completion_mask=inputs.get("completion_mask"),
         )
 
-    def _set_reference(self, inputs, phase: str) -> None:
-        """For reference_ablate / resample_ablate: the reference's pass over this batch, before the policy's."""
+    def _set_reference(self, inputs, phase: str, keys=None) -> None:
+        """For reference_ablate / resample_ablate: the reference's pass over this batch, before the policy's
+        (or, with a precomputed reference, the batch's rows of the table: ``keys``)."""
         if self.regularisers is not None and phase == "train":  # one pass serves both
             self.regularisers.reference_pass(self.intervention_set, phase, inputs)
         elif self.intervention_reference is not None:
-            self.intervention_reference.capture(self.intervention_set, phase, **inputs)
+            self.intervention_reference.capture(self.intervention_set, phase, keys=keys, **inputs)
+
+    @staticmethod
+    def _pop_keys(inputs):
+        """The batch without the rows' reference keys (ReferenceKeyCollator's entry), and the keys."""
+        if isinstance(inputs, Mapping) and REFERENCE_KEYS in inputs:
+            inputs = dict(inputs)
+            return inputs, inputs.pop(REFERENCE_KEYS)
+        return inputs, None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # The backward (and gradient checkpointing's recompute) runs inside this call, so the hooks'
         # phase, masks and reference activations cover forward and backward alike. GRPO's inputs are prompts
         # (generation runs inside the step): its passes set their own masks (trainers.passes).
+        inputs, keys = self._pop_keys(inputs)
         if isinstance(inputs, Mapping):
             self._set_batch(inputs)
-            self._set_reference(inputs, "train")
+            self._set_reference(inputs, "train", keys)
         self.intervention_set.set_step(self.state.global_step)
         self.intervention_set.collect_stats = self._logs_this_step()
         with self.intervention_set.phase("train"):
@@ -299,9 +476,10 @@ class InterventionTrainerMixin:
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         self.intervention_set.collect_stats = True
+        inputs, keys = self._pop_keys(inputs)
         if isinstance(inputs, Mapping):
             self._set_batch(inputs)
-            self._set_reference(inputs, "eval")
+            self._set_reference(inputs, "eval", keys)
         with self.intervention_set.phase("eval"):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 

@@ -23,7 +23,11 @@ class InterventionSFTTrainer(InterventionTrainerMixin, SFTTrainer):
     frozen copy of the model as passed in (for PEFT models: the same model with adapters off).
     ``projection_monitor``: a :class:`trainers.ProjectionMonitor` (or its config mapping) overriding
     ``args.projection_monitor``.
+    ``args.intervention_reference='precomputed'``: the reference's values come from one pass of the starting
+    model over the training data before training, keyed by each example's tokens (trainers.mixin).
     """
+
+    precomputed_reference_supported = True
 
     def __init__(
         self, *args, interventions=None, intervention_reference_model=None, projection_monitor=None, **kwargs
