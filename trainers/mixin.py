@@ -157,8 +157,11 @@ class InterventionTrainerMixin:
             reasons.append(
                 "a regulariser (kl, ldifs, blocking) runs the reference forward on every batch anyway"
             )
-        if getattr(self.args, "padding_free", False) or getattr(self.data_collator, "padding_free", False):
-            reasons.append("padding-free batches flatten several examples into one row")
+        if any(getattr(o, "padding_free", False) for o in (self.args, self, self.data_collator)):
+            reasons.append(
+                "padding-free batches (padding_free, or packing with the bfd strategies) flatten several "
+                "examples into one row"
+            )
         dataset = self.train_dataset
         if (
             dataset is None

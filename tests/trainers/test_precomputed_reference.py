@@ -375,3 +375,33 @@ def test_resume_with_a_precomputed_reference_equals_the_uninterrupted_live_run(
     assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]
     assert resumed.intervention_reference.passes == 0
     assert _max_weight_diff(_weights(resumed), _weights(live)) == 0.0
+
+
+def test_bfd_packing_falls_back_to_live_and_wrapped_packing_is_keyed_by_packed_row(
+    make_model, tokenizer, chat_dataset, tmp_path
+):
+    """Packing: the bfd strategies are padding-free (several examples flattened into one row, position_ids
+    restarting): refused with a warning, the live pass serves. The wrapped strategy cuts the token stream into
+    rows of max_length: each packed row is an example with its own key, and training equals the live pass."""
+    specs = _specs("reference_ablate")
+    with pytest.warns(UserWarning, match="falls back to the live reference.*packing"):
+        bfd = _trainer(
+            make_model,
+            tokenizer,
+            chat_dataset,
+            tmp_path / "bfd",
+            specs,
+            "precomputed",
+            packing=True,
+            max_length=64,
+        )
+    assert bfd.reference_mode == "live"
+    packed = dict(packing=True, packing_strategy="wrapped", max_length=24, assistant_only_loss=False)
+    live = _trainer(make_model, tokenizer, chat_dataset, tmp_path / "live", specs, "live", **packed)
+    live.train()
+    pre = _trainer(make_model, tokenizer, chat_dataset, tmp_path / "pre", specs, "precomputed", **packed)
+    pre.train()
+    assert pre.reference_mode == "precomputed" and pre.intervention_reference.passes == 0
+    assert len(pre.intervention_reference.table) == len(pre.train_dataset) != len(chat_dataset)  # packed rows
+    assert _losses(pre) == _losses(live)
+    assert _max_weight_diff(_weights(pre), _weights(live)) == 0.0
