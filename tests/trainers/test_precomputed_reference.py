@@ -405,3 +405,18 @@ def test_bfd_packing_falls_back_to_live_and_wrapped_packing_is_keyed_by_packed_r
     assert len(pre.intervention_reference.table) == len(pre.train_dataset) != len(chat_dataset)  # packed rows
     assert _losses(pre) == _losses(live)
     assert _max_weight_diff(_weights(pre), _weights(live)) == 0.0
+
+
+def test_the_key_collator_survives_pickling_for_dataloader_workers():
+    """Worker processes receive the collate function pickled: the wrapper must round-trip (its attribute
+    forwarding must not recurse on a half-built object) and still key the rows."""
+    import pickle
+
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    collator = pickle.loads(
+        pickle.dumps(ReferenceKeyCollator(DataCollatorForLanguageModeling(pad_token_id=0)))
+    )
+    assert collator.pad_token_id == 0
+    rows = [{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9]}]
+    assert collator(rows)[REFERENCE_KEYS] == [example_key(r) for r in rows]
