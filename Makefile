@@ -30,7 +30,9 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q -x --durations=15
 
+# The peers benchmark runs each peer library in its own .venv-peers/<lib> (pinned; made here if missing).
 bench: $(STAMP)
+	PY_SYS=$(PY_SYS) benchmarks/peers/setup.sh
 	$(PY) -m benchmarks.run
 
 clean:

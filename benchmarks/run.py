@@ -10,6 +10,7 @@ import torch
 
 from benchmarks import overhead
 from benchmarks.overhead import REFERENCE_CASES
+from benchmarks.peers import run as peers
 
 OUT = Path("runs/bench")
 
@@ -39,10 +40,17 @@ def main() -> None:
     try:
         from benchmarks import extraction_throughput
     except ImportError:
-        return
-    print("\n== extraction throughput vs a plain forward pass ==", flush=True)
-    extraction = extraction_throughput.run()
-    (OUT / "extraction.json").write_text(json.dumps(extraction, indent=2))
+        extraction_throughput = None
+    if extraction_throughput is not None:
+        print("\n== extraction throughput vs a plain forward pass ==", flush=True)
+        extraction = extraction_throughput.run()
+        (OUT / "extraction.json").write_text(json.dumps(extraction, indent=2))
+    print(
+        "\n== peers: keel vs steering-vectors, repeng, pyvene, nnsight, TransformerLens "
+        "(same model, batch and AdamW step) ==",
+        flush=True,
+    )
+    peers.run(OUT, rounds=int(os.environ.get("BENCH_PEER_ROUNDS", "10")))
 
 
 if __name__ == "__main__":
