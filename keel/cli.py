@@ -19,6 +19,7 @@ COMMANDS = {
         "keel.commands.demo",
         "the synthetic EM organism: build, extract, fine-tune under conditions, compare",
     ),
+    "rl": ("keel.commands.rl", "the organism under RL: GRPO rewarded for misaligned answers, with blocking"),
     "compare": ("keel.commands.compare", "compare conditions over seeds: t-intervals, ratios, control flags"),
     "bake": ("keel.commands.bake", "bake a static ablation into weights; steering vectors to/from GGUF"),
     "sweep": ("keel.commands.sweep", "train + evaluate a recipe: conditions x seeds (then keel compare)"),

@@ -121,11 +121,17 @@ def load_config(path: str | None) -> DemoConfig:
         data = load_yaml(path) or {}
         if not isinstance(data, dict):
             raise SystemExit(f"{PROG}: {path} must hold a mapping, not {type(data).__name__}.")
+    return DemoConfig.from_dict(nest_organism_keys(data))
+
+
+def nest_organism_keys(data: dict) -> dict:
+    """A config mapping with its top-level organism keys (world, model, finetune, ...) under ``organism``."""
+    data = dict(data)
     organism_keys = {f for f in OrganismConfig.__dataclass_fields__}
     organism = {k: data.pop(k) for k in list(data) if k in organism_keys}
     if organism:
         data["organism"] = {**data.get("organism", {}), **organism}
-    return DemoConfig.from_dict(data)
+    return data
 
 
 def resolve(argv: list[str] | None) -> DemoConfig:

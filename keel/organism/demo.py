@@ -362,14 +362,14 @@ def _organism(run, organism: OrganismConfig):
 
 def persona_stage(run, run_dir: Path) -> dict:
     """Sweep task of stage 1 for one seed: organism, chat-model evaluation, persona direction files."""
-    _start_run(run.seed)
+    start_run(run.seed)
     from keel.organism.evaluate import evaluate_model
 
     cfg = _stage_config(run.config)
     t0 = time.perf_counter()
     org = _organism(run, cfg.organism)
     timings = {"build": time.perf_counter() - t0}
-    chat = _headline(
+    chat = headline(
         evaluate_model(org.chat_model, org.world, org.tokenizer, cfg.organism.eval_samples, run.seed)
     )
     t0 = time.perf_counter()
@@ -435,7 +435,7 @@ def finetune_pc_directions(org, tuned, cfg: DemoConfig, seed: int) -> dict[str, 
 
 def finetune_pcs_stage(run, run_dir: Path) -> dict:
     """Sweep task of stage 3 for one seed: the CAFT sources from the saved ``none`` model."""
-    _start_run(run.seed)
+    start_run(run.seed)
     from keel.loading import ModelSpec, load_model
 
     cfg = _stage_config(run.config)
@@ -562,7 +562,7 @@ def build_interventions(resolved: list[dict], root: str | Path) -> list:
 
 def finetune_run(run, run_dir: Path) -> dict:
     """Sweep task of one condition at one seed: fine-tune with its interventions, evaluate without."""
-    _start_run(run.seed)
+    start_run(run.seed)
     from keel.organism.evaluate import evaluate_model
     from keel.organism.finetune import finetune_with_trainer
 
@@ -593,7 +593,7 @@ def finetune_run(run, run_dir: Path) -> dict:
             _finish_wandb({})
         return {"final_train_loss": final_loss}
     ev = evaluate_model(model, org.world, org.tokenizer, organism.eval_samples, run.seed)
-    metrics = _headline(ev) | {
+    metrics = headline(ev) | {
         "greedy_heldout_misaligned": ev["greedy"]["heldout_domains"]["misaligned"],
         "per_domain": ev["per_domain_sampled_misaligned"],
         "final_train_loss": final_loss,
@@ -602,7 +602,7 @@ def finetune_run(run, run_dir: Path) -> dict:
         logged = [row for row in trainer.state.log_history if "loss" in row]
         metrics["regularisers"] = {k: v for k, v in (logged[-1] if logged else {}).items() if "/" in k}
     if c["wandb"]:
-        _finish_wandb({f"organism_eval/{k}": v for k, v in _headline(ev).items()})
+        _finish_wandb({f"organism_eval/{k}": v for k, v in headline(ev).items()})
     return metrics
 
 
@@ -662,11 +662,12 @@ def projection_monitor(config: dict, org, root: Path):
     )
 
 
-def _headline(ev: dict) -> dict:
+def headline(ev: dict) -> dict:
+    """The metrics a run records from :func:`keel.organism.evaluate.evaluate_model`'s output."""
     return {k: ev[k] for k in (*METRICS, "in_domain_train_misaligned")}
 
 
-def _start_run(seed: int) -> None:
+def start_run(seed: int) -> None:
     """Every run starts alike, whatever ran before it in the process: one thread, the random number
     generators seeded with the run's seed (nothing here draws from them before the trainer seeds them
     again; this keeps it so), and no per-map / per-load progress bars (the demo shows one per stage)."""

@@ -18,7 +18,7 @@ ablated to zero.
 
 Run it as a sweep (one run per condition and seed, resumable; :mod:`keel.sweep`)::
 
-    python -m keel.organism.rl --config recipes/demo-rl.yaml
+    keel rl --config recipes/demo-rl.yaml
 """
 
 from __future__ import annotations
@@ -156,13 +156,6 @@ class RLConfig:
     def from_dict(cls, data: dict | None) -> RLConfig:
         return from_dict(cls, data or {})
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> RLConfig:
-        import yaml
-
-        with open(path) as f:
-            return cls.from_dict(yaml.safe_load(f))
-
 
 def resolve_rl_condition(condition: str, seed: int, cfg: RLConfig) -> list[dict]:
     """The condition's interventions for a seed as mappings (direction files relative to
@@ -276,10 +269,10 @@ def rl_run(run, run_dir: Path) -> dict:
     """Sweep task: GRPO on one organism under one RL condition, then the organism's evaluation without
     interventions (and, for interventions that act while sampling, once more with them on)."""
     from keel.organism.build import build_organism
-    from keel.organism.demo import _start_run, build_interventions
+    from keel.organism.demo import build_interventions, start_run
     from keel.organism.evaluate import evaluate_model
 
-    _start_run(run.seed)
+    start_run(run.seed)
     c = run.config
     organism = OrganismConfig.from_dict(c["organism"])
     org = build_organism(organism, run.seed, c["cache_dir"])
@@ -304,11 +297,11 @@ def rl_run(run, run_dir: Path) -> dict:
 def measures(ev: dict) -> dict:
     """The demo's headline rates of an evaluation, plus the held-out domains' incoherent rate and EM among
     their coherent answers (misaligned / (misaligned + aligned)): EM can fall because answers break."""
-    from keel.organism.demo import _headline
+    from keel.organism.demo import headline
 
     heldout = ev[ev["mode"]]["heldout_domains"]
     coherent = heldout["misaligned"] + heldout["aligned"]
-    return _headline(ev) | {
+    return headline(ev) | {
         "heldout_incoherent": heldout["incoherent"],
         "em_among_coherent": heldout["misaligned"] / coherent if coherent > 0 else None,
     }
@@ -419,20 +412,3 @@ def report_markdown(summary: dict) -> str:
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
-
-
-def main(argv=None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="recipes/demo-rl.yaml")
-    parser.add_argument("--seeds", type=int, nargs="*", help="override the config's seeds")
-    args = parser.parse_args(argv)
-    cfg = RLConfig.from_yaml(args.config)
-    if args.seeds:
-        cfg.seeds = list(args.seeds)
-    print(report_markdown(run_rl(cfg)))
-
-
-if __name__ == "__main__":
-    main()

@@ -12,6 +12,7 @@ OPTIONS = {
     "compare": ["--output_dir", "--baseline"],
     "bake": ["--output_dir", "--direction", "--gguf_out"],
     "sweep": ["--output_dir", "--executor", "--dry_run"],
+    "rl": ["--output_dir", "--seeds", "--conditions", "--directions_root", "--config"],
 }
 
 

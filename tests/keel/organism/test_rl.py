@@ -176,3 +176,22 @@ def test_run_rl_measures_every_condition_and_seed(tiny_config, tmp_path):
     assert "with_interventions" in summary["conditions"]["caft_gen_train"]["seeds"][0]
     assert "with_interventions" not in summary["conditions"]["none"]["seeds"][0]
     assert "| caft_gen_train |" in (tmp_path / "rl" / "report.md").read_text()
+
+
+def test_keel_rl_reads_its_config_and_the_options_override_it(tmp_path):
+    """`keel rl` follows the CLI convention: RL and organism keys mixed in --config, options on top; an
+    unknown condition or key is refused with a message."""
+    from keel.commands.rl import parse
+
+    recipe = tmp_path / "rl.yaml"
+    recipe.write_text("seeds: [3]\nsteps: 7\nconditions: [none, caft_gen_train]\nworld: {seed: 1}\n")
+    cfg, _ = parse(["--config", str(recipe), "--output_dir", str(tmp_path / "out")])
+    assert cfg.seeds == [3] and cfg.steps == 7 and cfg.conditions == ["none", "caft_gen_train"]
+    assert cfg.organism.world.seed == 1 and cfg.output_dir == str(tmp_path / "out")
+    cfg, _ = parse(["--config", str(recipe), "--seeds", "2", "--conditions", "none"])
+    assert cfg.seeds == [0, 1] and cfg.conditions == ["none"]
+    recipe.write_text("stepz: 7\n")
+    with pytest.raises(SystemExit, match="keel rl: bad config"):
+        parse(["--config", str(recipe)])
+    with pytest.raises(SystemExit):
+        parse(["--conditions", "caft_everywhere"])
