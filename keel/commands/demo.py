@@ -12,19 +12,15 @@ conditions x seeds as sweeps through :mod:`keel.sweep` (``--executor``), the rep
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import sys
 from dataclasses import dataclass, field
 
 from trl import TrlParser
 
-from interventions.serialization import KeelInputError, load_yaml
-from keel.organism.config import OrganismConfig
 from keel.organism.demo import ALL_CONDITIONS, CONDITIONS, DEFENCES, DemoConfig, DemoRunError, run_demo
 from keel.sweep import EXECUTORS, SweepError
 
-from .common import make_parser as make_trl_parser
+from . import organism_cli
 
 PROG = "keel demo"
 DESCRIPTION = (
@@ -99,39 +95,20 @@ OVERRIDES = (
 )
 
 
+CONFIG_HELP = (
+    "demo keys (seeds, conditions, workers, steer_alpha, ...) and/or organism keys (world, model, pretrain, "
+    "pretrain_docs, chat, finetune, eval_samples)"
+)
+
+
 def make_parser(config: DemoConfig | None = None) -> TrlParser:
     """The option parser; with ``config``, each option's default is that config's value."""
-    parser = make_trl_parser((DemoArguments,), PROG, DESCRIPTION)
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    parser.add_argument(
-        "--config",
-        metavar="FILE.yaml",
-        help="demo keys (seeds, conditions, workers, steer_alpha, ...) and/or organism keys (world, model, "
-        "pretrain, pretrain_docs, chat, finetune, eval_samples)",
-    )
-    if config is not None:
-        parser.set_defaults_with_config(**{key: getattr(config, key) for key in OVERRIDES})
-    return parser
+    return organism_cli.make_parser(DemoArguments, PROG, DESCRIPTION, config, OVERRIDES, CONFIG_HELP)
 
 
 def load_config(path: str | None) -> DemoConfig:
     """The demo config of a YAML file: organism keys at the top level go under ``organism``."""
-    data = {}
-    if path:
-        data = load_yaml(path) or {}
-        if not isinstance(data, dict):
-            raise SystemExit(f"{PROG}: {path} must hold a mapping, not {type(data).__name__}.")
-    return DemoConfig.from_dict(nest_organism_keys(data))
-
-
-def nest_organism_keys(data: dict) -> dict:
-    """A config mapping with its top-level organism keys (world, model, finetune, ...) under ``organism``."""
-    data = dict(data)
-    organism_keys = {f for f in OrganismConfig.__dataclass_fields__}
-    organism = {k: data.pop(k) for k in list(data) if k in organism_keys}
-    if organism:
-        data["organism"] = {**data.get("organism", {}), **organism}
-    return data
+    return organism_cli.load_config(DemoConfig, path, PROG)
 
 
 def resolve(argv: list[str] | None) -> DemoConfig:
@@ -141,25 +118,7 @@ def resolve(argv: list[str] | None) -> DemoConfig:
 
 def parse(argv: list[str] | None) -> tuple[DemoConfig, DemoArguments]:
     """(the demo config with the options applied, the options as parsed)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    try:
-        config = load_config(known.config)
-    except (KeelInputError, ValueError, TypeError) as err:
-        raise SystemExit(f"{PROG}: bad config: {err}") from None
-    try:  # (the options, the namespace holding --config)
-        args, _ = make_parser(config).parse_args_into_dataclasses(args=argv)
-    except ValueError as err:  # an option HfArgumentParser does not know
-        raise SystemExit(f"{PROG}: {err}") from None
-    overrides = {key: getattr(args, key) for key in OVERRIDES}
-    if args.seeds is not None:
-        overrides["seeds"] = list(range(args.seeds))
-    try:
-        return dataclasses.replace(config, **overrides), args
-    except ValueError as err:
-        raise SystemExit(f"{PROG}: {err}") from None
+    return organism_cli.parse(argv, DemoConfig, DemoArguments, PROG, DESCRIPTION, OVERRIDES, CONFIG_HELP)
 
 
 def main(argv: list[str] | None = None) -> int:

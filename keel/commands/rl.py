@@ -12,17 +12,13 @@ into the same ``--output_dir`` resumes (finished runs are kept).
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import sys
 from dataclasses import dataclass, field
 
-from interventions.serialization import KeelInputError, load_yaml
 from keel.organism.rl import RL_CONDITIONS, RLConfig, report_markdown, run_rl
 from keel.sweep import EXECUTORS, SweepError
 
-from .common import make_parser as make_trl_parser
-from .demo import nest_organism_keys
+from . import organism_cli
 
 PROG = "keel rl"
 DESCRIPTION = (
@@ -71,38 +67,12 @@ class RLArguments:
 OVERRIDES = ("workers", "conditions", "directions_root", "output_dir", "cache_dir", "progress")
 
 
-def load_config(path: str | None) -> RLConfig:
-    data = load_yaml(path) if path else {}
-    if not isinstance(data, dict):
-        raise SystemExit(f"{PROG}: {path} must hold a mapping, not {type(data).__name__}.")
-    return RLConfig.from_dict(nest_organism_keys(data))
+CONFIG_HELP = "RL keys (seeds, conditions, steps, temperature, ...) and/or organism keys (world, model, ...)"
 
 
 def parse(argv: list[str] | None) -> tuple[RLConfig, RLArguments]:
     """(the RL config with the options applied, the options as parsed)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    try:
-        config = load_config(known.config)
-    except (KeelInputError, ValueError, TypeError) as err:
-        raise SystemExit(f"{PROG}: bad config: {err}") from None
-    parser = make_trl_parser((RLArguments,), PROG, DESCRIPTION)
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    parser.add_argument("--config", metavar="FILE.yaml", help="RL keys and/or organism keys")
-    parser.set_defaults_with_config(**{key: getattr(config, key) for key in OVERRIDES})
-    try:
-        args, _ = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as err:
-        raise SystemExit(f"{PROG}: {err}") from None
-    overrides = {key: getattr(args, key) for key in OVERRIDES}
-    if args.seeds is not None:
-        overrides["seeds"] = list(range(args.seeds))
-    try:
-        return dataclasses.replace(config, **overrides), args
-    except ValueError as err:
-        raise SystemExit(f"{PROG}: {err}") from None
+    return organism_cli.parse(argv, RLConfig, RLArguments, PROG, DESCRIPTION, OVERRIDES, CONFIG_HELP)
 
 
 def main(argv: list[str] | None = None) -> int:
