@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-# The overhead bench's ~50M-parameter shape (benchmarks/overhead.py SIZES["50m"]): 48.3M parameters.
+# The overhead bench's ~50M-parameter shape (benchmarks/overhead.py SIZES["50m"]): 47.9M parameters.
 MODEL = dict(
     hidden_size=640,
     intermediate_size=1792,
