@@ -20,17 +20,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-# The overhead bench's ~50M-parameter shape (benchmarks/overhead.py SIZES["50m"]): 47.9M parameters.
-MODEL = dict(
-    hidden_size=640,
-    intermediate_size=1792,
-    num_hidden_layers=8,
-    num_attention_heads=10,
-    num_key_value_heads=5,
-    vocab_size=8192,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-)
+from benchmarks.overhead import SIZES  # stdlib + torch only: importable in every peer's venv
+
+# The overhead bench's ~50M-parameter shape: 47.9M parameters.
+MODEL = dict(SIZES["50m"], max_position_embeddings=256, tie_word_embeddings=False)
 BATCH, SEQ = 2, 64
 STEER_LAYER = MODEL["num_hidden_layers"] // 2
 STEER_COEFFICIENT = 4.0
