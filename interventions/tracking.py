@@ -226,17 +226,31 @@ def read_offline_run(run_folder: str | Path, wait: float = 10.0) -> dict:
     files = sorted(Path(run_folder).glob("run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"{run_folder} holds no run-*.wandb file; pass a wandb/offline-run-* folder.")
-    deadline = time.time() + wait
-    while True:  # wandb's writer process may still be flushing a run that just finished
-        records = _log_records(files[0].read_bytes())
-        kinds = set()
-        for data in records:
+    from google.protobuf.message import DecodeError
+
+    def parse(blob: bytes) -> list:
+        out = []
+        for data in _log_records(blob):
             record = pb.Record()
             record.ParseFromString(data)
-            kinds.add(record.WhichOneof("record_type"))
+            out.append((record.WhichOneof("record_type"), record))
+        return out
+
+    deadline = time.time() + wait
+    while True:  # wandb's writer process may still be flushing a run that just finished
+        try:
+            parsed, error = parse(files[0].read_bytes()), None
+        except DecodeError as err:  # a record the writer has not finished writing yet
+            parsed, error = [], err
+        kinds = {kind for kind, _ in parsed}
         if "exit" in kinds or time.time() > deadline:
             break
         time.sleep(0.2)
+    if error is not None:
+        raise ValueError(
+            f"{files[0]} still holds a record that does not parse after {wait} s ({error}): the run is "
+            "still being written, or the file is damaged."
+        )
     info: dict = {
         "config": {},
         "logged_artifacts": [],
@@ -244,10 +258,7 @@ def read_offline_run(run_folder: str | Path, wait: float = 10.0) -> dict:
         "history": [],
         "finished": "exit" in kinds,
     }
-    for data in records:
-        record = pb.Record()
-        record.ParseFromString(data)
-        kind = record.WhichOneof("record_type")
+    for kind, record in parsed:
         if kind == "run":
             r = record.run
             info.update(

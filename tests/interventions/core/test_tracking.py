@@ -57,3 +57,25 @@ def test_an_offline_run_records_the_convention_and_direction_lineage(offline, mo
     assert info["tags"] == ["seed:0"] and info["config"]["lr"] == 0.1
     assert [a["type"] for a in info["logged_artifacts"]] == ["direction"]  # offline: logged, not "used"
     assert names[0].startswith("d-") and len(names[0]) == len("d-") + 12
+
+
+def test_a_record_still_being_written_is_waited_for_then_refused(offline, monkeypatch):
+    """wandb's writer may not have finished the last record when a run is read back: the reader retries
+    until it parses, and after ``wait`` seconds says so instead of returning a partial run."""
+    import interventions.tracking as tracking
+
+    run = start_run(offline / "run", "train", config={"lr": 0.1})
+    run.finish()
+    (folder,) = (offline / "run" / "wandb").glob("offline-run-*")
+    expected = read_offline_run(folder)
+    real, calls = tracking._log_records, []
+
+    def half_written_first(data):
+        calls.append(1)
+        return [b"\xff\xff\xff"] if len(calls) == 1 else real(data)
+
+    monkeypatch.setattr(tracking, "_log_records", half_written_first)
+    assert read_offline_run(folder) == expected and len(calls) == 2
+    monkeypatch.setattr(tracking, "_log_records", lambda data: [b"\xff\xff\xff"])
+    with pytest.raises(ValueError, match="does not parse after 0.3 s"):
+        read_offline_run(folder, wait=0.3)
