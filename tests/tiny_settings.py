@@ -13,6 +13,16 @@ TINY_TRAINER_SETTINGS = dict(
     seed=0,
 )
 
+# Both processes of a two-process (gloo) SFT test, besides its steps, batch size and learning rate.
+DDP_SFT_SETTINGS = dict(
+    TINY_TRAINER_SETTINGS,
+    assistant_only_loss=True,
+    activation_checkpointing=False,
+    data_seed=0,
+    ddp_find_unused_parameters=False,
+    disable_tqdm=True,
+)
+
 TINY_SFT_SETTINGS = dict(
     TINY_TRAINER_SETTINGS,
     max_steps=4,

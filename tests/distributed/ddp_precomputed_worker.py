@@ -20,6 +20,9 @@ from keel.loading.tiny import tiny_model  # noqa: E402
 from keel.loading.tokenizer import build_chat_tokenizer  # noqa: E402
 from trainers import InterventionSFTConfig, InterventionSFTTrainer  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from tiny_settings import DDP_SFT_SETTINGS  # noqa: E402
+
 
 def main(out: str, mode: str, steps: int = 10) -> None:
     torch.set_num_threads(1)
@@ -40,17 +43,7 @@ def main(out: str, mode: str, steps: int = 10) -> None:
         max_steps=steps,
         per_device_train_batch_size=2,
         learning_rate=1e-2,
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        assistant_only_loss=True,
-        activation_checkpointing=False,
-        seed=0,
-        data_seed=0,
-        ddp_find_unused_parameters=False,
-        disable_tqdm=True,
+        **DDP_SFT_SETTINGS,
         intervention_reference=mode,
         interventions=[
             {

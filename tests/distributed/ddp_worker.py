@@ -18,6 +18,9 @@ from keel.loading.tiny import tiny_model  # noqa: E402
 from keel.loading.tokenizer import build_chat_tokenizer  # noqa: E402
 from trainers import InterventionSFTConfig, InterventionSFTTrainer  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from tiny_settings import DDP_SFT_SETTINGS  # noqa: E402
+
 
 def main(out: str, per_device_batch: int, operator: str = "project_out") -> None:
     torch.set_num_threads(1)
@@ -38,17 +41,7 @@ def main(out: str, per_device_batch: int, operator: str = "project_out") -> None
         max_steps=4,
         per_device_train_batch_size=per_device_batch,
         learning_rate=1e-3,
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        assistant_only_loss=True,
-        activation_checkpointing=False,
-        seed=0,
-        data_seed=0,
-        ddp_find_unused_parameters=False,
-        disable_tqdm=True,
+        **DDP_SFT_SETTINGS,
         interventions=[{"operator": operator, "direction": direction, "layers": "all"}],
     )
     trainer = InterventionSFTTrainer(
