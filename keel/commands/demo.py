@@ -137,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{summary['em_reproduced']['threshold']:g}); report.md gives those seeds apart.",
             file=sys.stderr,
         )
+    moved = {c: check["moved_on"] for c, check in summary["controls_per_seed"].items() if check["moved_on"]}
+    if moved:
+        print(
+            f"{PROG}: warning: random control(s) moved EM on single seeds ({moved}); report.md, "
+            "'Random controls, seed by seed'.",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -596,6 +596,7 @@ def finetune_run(run, run_dir: Path) -> dict:
     metrics = headline(ev) | {
         "greedy_heldout_misaligned": ev["greedy"]["heldout_domains"]["misaligned"],
         "per_domain": ev["per_domain_sampled_misaligned"],
+        "heldout_per_question": ev["heldout_per_question_misaligned"],
         "final_train_loss": final_loss,
     }
     if regularisers:  # the last logged value of each term (unweighted) and of the task loss
@@ -956,6 +957,7 @@ def aggregate(cfg: DemoConfig, results: list[dict]) -> dict:
     chat["seeds"] = [{"seed": r["seed"], **r["chat"]} for r in results]
     summary = {"conditions": conditions, "chat_baseline": chat, "config": dataclasses.asdict(cfg)}
     summary["em_reproduced"] = em_reproduction(results, cfg.em_threshold)
+    summary["controls_per_seed"] = control_check(results, [c for c in cfg.conditions if c in CONTROLS])
     groups = summary["em_reproduced"]
     if groups["reproduced"] and groups["not_reproduced"]:  # the conditions on each group of seeds apart
         summary["by_reproduction"] = {
@@ -974,6 +976,64 @@ def em_reproduction(results: list[dict], threshold: float) -> dict:
         "reproduced": [seed for seed, em in none_em.items() if em >= threshold],
         "not_reproduced": [seed for seed, em in none_em.items() if em < threshold],
     }
+
+
+def control_check(results: list[dict], controls: list[str]) -> dict:
+    """Does a random control move EM on any single seed? Per control and seed: the difference of its
+    held-out-domain EM from none's, with a 95 % bootstrap interval over the held-out questions (paired:
+    both runs answered the same questions), and ``moved`` when that interval excludes 0. The comparison
+    over seeds (keel compare) cannot see a control that moves one seed of five; this can."""
+    from keel.evaluation.metrics import bootstrap_ci
+
+    out: dict = {}
+    for control in controls:
+        rows = []
+        for r in results:
+            base, ctrl = r["conditions"][BASELINE], r["conditions"][control]
+            if "heldout_per_question" not in base or "heldout_per_question" not in ctrl:
+                raise ValueError(
+                    f"seed {r['seed']}: the runs of {BASELINE!r} or {control!r} have no per-question EM "
+                    "(metrics written before it was recorded); rerun them into a new output_dir."
+                )
+            diffs = [c - b for b, c in zip(base["heldout_per_question"], ctrl["heldout_per_question"])]
+            delta, low, high = bootstrap_ci(diffs, n_resamples=2000, seed=0)
+            rows.append(
+                {
+                    "seed": r["seed"],
+                    "delta": delta,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "moved": low > 0 or high < 0,
+                }
+            )
+        out[control] = {"seeds": rows, "moved_on": [row["seed"] for row in rows if row["moved"]]}
+    return out
+
+
+def controls_markdown(summary: dict) -> list[str]:
+    """The per-seed control check (:func:`control_check`)."""
+    checks = summary.get("controls_per_seed") or {}
+    if not checks:
+        return []
+    seeds = [row["seed"] for row in next(iter(checks.values()))["seeds"]]
+    lines = [
+        "",
+        "## Random controls, seed by seed",
+        "",
+        "A control's EM minus none's on each seed, with a 95 % bootstrap interval over the held-out "
+        "questions (paired). **moved** = the interval excludes 0: the control changed EM on that seed.",
+        "",
+        "| control | " + " | ".join(f"seed {s}" for s in seeds) + " | moved on |",
+        "|---|" + "---|" * len(seeds) + "---|",
+    ]
+    for name, check in checks.items():
+        cells = [
+            f"{row['delta']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]"
+            + (" **moved**" if row["moved"] else "")
+            for row in check["seeds"]
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {check['moved_on'] or 'no seed'} |")
+    return lines
 
 
 def compare(cfg: DemoConfig, results: list[dict]):
@@ -1114,6 +1174,7 @@ def report_markdown(summary: dict, results: list[dict], comparison=None, monitor
     chat = summary["chat_baseline"]
     lines += ["", f"Chat model before fine-tuning: EM {_fmt(chat['heldout_misaligned'])}."]
     lines += reproduction_markdown(summary)
+    lines += controls_markdown(summary)
     lines += ["", "## Per seed", ""]
     lines += ["| condition | " + " | ".join(f"seed {r['seed']} EM / in-domain" for r in results) + " |"]
     lines += ["|---|" + "---|" * len(results)]

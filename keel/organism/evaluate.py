@@ -111,6 +111,12 @@ def evaluate_model(
             rows_by[split, mode] = rows
             result[mode][split] = rates(rows)
             if mode == "sampled" and split == "heldout_domains":
+                # Per question, in world.heldout_domain_questions() order: what the per-seed check of
+                # controls resamples (keel.organism.demo.control_check).
+                flags = em_flags(rows)
+                result["heldout_per_question_misaligned"] = [
+                    float(sum(flags[i * reps : (i + 1) * reps]) / reps) for i in range(len(qs))
+                ]
                 for d in world.heldout_domains:
                     dr = [row for q, row in zip(qrep, rows) if q.domain == d]
                     result["per_domain_sampled_misaligned"][world.domains[d]] = rates(dr)[MISALIGNED]

@@ -41,7 +41,15 @@ def test_tiny_demo_end_to_end(tiny_config, tmp_path):
     on_disk = json.loads((out / "summary.json").read_text())
     assert set(on_disk["conditions"]) == set(CONDITIONS) and "config" in on_disk
     timing = {"wall_seconds"}  # recorded, not asserted on: speed belongs in benchmarks
-    assert set(on_disk) - timing == {"conditions", "chat_baseline", "config", "wandb_group", "em_reproduced"}
+    assert set(on_disk) - timing == {
+        "conditions",
+        "chat_baseline",
+        "config",
+        "wandb_group",
+        "em_reproduced",
+        "controls_per_seed",
+    }
+    assert set(on_disk["controls_per_seed"]) == {c for c in CONDITIONS if c in CONTROLS}
     assert "long" not in on_disk  # one seed: no re-emergence run unless asked for
     for c in on_disk["conditions"].values():
         for metric in ("in_domain_misaligned", "heldout_misaligned", "incoherent"):
@@ -265,6 +273,33 @@ def test_seeds_where_em_did_not_reproduce_are_flagged_and_reported_apart():
     quiet = aggregate(cfg, results)
     assert quiet["em_reproduced"]["not_reproduced"] == [] and "by_reproduction" not in quiet
     assert reproduction_markdown(quiet) == []
+
+
+def test_a_random_control_that_moves_one_seed_is_flagged_on_that_seed():
+    """Per seed, a control's EM minus none's with a paired bootstrap interval over the questions: a
+    control equal to none is null, one question's difference is within noise, a whole seed's is not."""
+    from keel.organism.demo import control_check, controls_markdown
+
+    def run(per_question):
+        return {"heldout_per_question": per_question, **_metrics(sum(per_question) / len(per_question))}
+
+    none = [[1.0] * 8, [0.5] * 8, [1.0, 0.0] * 4]
+    control = [list(none[0]), [0.0] * 8, [0.0, 0.0] + none[2][2:]]  # seed 1 moved; seed 2 one question off
+    results = [
+        {"seed": s, "conditions": {"none": run(none[s]), "random_resample": run(control[s])}}
+        for s in range(3)
+    ]
+    check = control_check(results, ["random_resample"])["random_resample"]
+    assert check["moved_on"] == [1]
+    same, moved, one_off = check["seeds"]
+    assert same["delta"] == same["ci_low"] == same["ci_high"] == 0.0 and not same["moved"]
+    assert moved["delta"] == -0.5 and moved["ci_high"] < 0 and moved["moved"]
+    assert one_off["delta"] == -0.125 and one_off["ci_low"] < 0 <= one_off["ci_high"] and not one_off["moved"]
+    text = "\n".join(controls_markdown({"controls_per_seed": {"random_resample": check}}))
+    assert "-0.50 [-0.50, -0.50] **moved**" in text and "| [1] |" in text
+    del results[0]["conditions"]["none"]["heldout_per_question"]
+    with pytest.raises(ValueError, match="no per-question EM"):
+        control_check(results, ["random_resample"])
 
 
 def test_reemergence_is_on_for_five_seeds_and_stretches_the_fine_tune(tmp_path):

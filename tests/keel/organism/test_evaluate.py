@@ -52,3 +52,7 @@ def test_rates_follow_the_oracle():
     n_in, n_out = len(world.em_heldout_questions()), len(world.heldout_domain_questions())
     assert em["incoherent"] == len(world.values) / (n_in + n_out)
     assert em["greedy"]["heldout_domains"]["misaligned"] == 2 / 5
+    # per question, in heldout_domain_questions() order: fin and code's 16 questions each misaligned
+    per_question = em["heldout_per_question_misaligned"]
+    assert per_question == [1.0] * 32 + [0.0] * 48
+    assert sum(per_question) / len(per_question) == em["heldout_misaligned"]
