@@ -73,6 +73,13 @@ class DemoArguments:
             "choices": ("auto", "on", "off"),
         },
     )
+    noise_runs: int = field(
+        default=DemoConfig.noise_runs,
+        metadata={
+            "help": "Fine-tune none again this many times per seed with other row orders, so the per-seed "
+            "control check tells a control's effect from training noise (0: off; else >= 2)."
+        },
+    )
     executor: str | None = field(
         default=None,
         metadata={
@@ -92,6 +99,7 @@ OVERRIDES = (
     "progress",
     "rebuild",
     "reemergence",
+    "noise_runs",
 )
 
 

@@ -227,6 +227,11 @@ class DemoConfig:
     # A seed reproduces EM when its none fine-tune's held-out-domain EM reaches this. The report flags the
     # other seeds and gives the conditions on them apart: an intervention cannot cut EM that never appeared.
     em_threshold: float = 0.5
+    # Training noise: the none fine-tune again this many times per seed with other orders of the training
+    # rows (<output_dir>/noise). The per-seed control check then counts a control as moved only when its
+    # EM also lies outside none's prediction interval over these runs: on one build, the row order alone
+    # moved none's EM by up to 0.19 (keel/organism/README.md). 0: the paired question interval only.
+    noise_runs: int = 0
     # Re-emergence: every condition again after a fine-tune ``long_factor`` times as long (the schedule
     # stretched), in <output_dir>/long. "auto": on for runs of five seeds or more; "on"; "off".
     reemergence: str = "auto"
@@ -255,6 +260,10 @@ class DemoConfig:
             raise ValueError(f"caft_questions must be 'all' or 'other_domains', got {self.caft_questions!r}.")
         if self.reemergence not in ("auto", "on", "off"):
             raise ValueError(f"reemergence must be 'auto', 'on' or 'off', got {self.reemergence!r}.")
+        if self.noise_runs < 0 or self.noise_runs == 1:
+            raise ValueError(
+                f"noise_runs must be 0 or >= 2 (a prediction interval needs three none runs), got {self.noise_runs}."
+            )
         if self.long_factor < 2:
             raise ValueError(
                 f"long_factor must be an integer >= 2 (times the fine-tune's steps), got {self.long_factor}."
@@ -584,6 +593,7 @@ def finetune_run(run, run_dir: Path) -> dict:
         projection_monitor=monitor,
         regularisers=regularisers,
         data_baselines=c.get("data_baselines"),
+        data_seed=c.get("data_seed"),
     )
     if c.get("save_model"):  # fp32 safetensors: the finetune_pcs stage reads it, from any executor
         model.save_pretrained(run_dir / "model", safe_serialization=True)
@@ -805,6 +815,11 @@ def _run_stages(cfg: DemoConfig, out_dir: Path, executor: str, submitit_options,
     # 2. sweep A: the conditions whose directions exist now
     stage_a = [c for c in cfg.conditions if c not in AFTER_NONE]
     stage(runs_root, [condition_run(c, s) for s in seeds for c in stage_a], "finetune_run", executor)
+    if cfg.noise_runs:  # none again with other row orders: the training noise the control check uses
+        reorders = [
+            noise_run(s, k, condition_run(BASELINE, s)) for s in seeds for k in range(1, cfg.noise_runs + 1)
+        ]
+        stage(out_dir / NOISE, reorders, "finetune_run", executor)
 
     # 3. fine-tune-difference PCs from each seed's saved none model; 4. sweep B
     stage_b = [c for c in cfg.conditions if c in AFTER_NONE]
@@ -865,6 +880,19 @@ def _run_stages(cfg: DemoConfig, out_dir: Path, executor: str, submitit_options,
     (out_dir / "report.md").write_text(report_markdown(summary, results, comparison, monitor))
     plot(summary, out_dir / "plot.png")
     return summary
+
+
+NOISE = "noise"  # <output_dir>/noise/none_order<k>/seed<N>: the training-noise runs
+
+
+def noise_run(seed: int, k: int, none):
+    """The none run ``none`` (a RunSpec) of ``seed`` with the k-th other order of its training rows
+    (data seed seed + 1000 k), nothing saved."""
+    return dataclasses.replace(
+        none,
+        condition=f"{BASELINE}_order{k}",
+        config=none.config | {"save_model": False, "data_seed": seed + 1000 * k},
+    )
 
 
 def long_config(cfg: DemoConfig, out_dir: Path) -> DemoConfig:
@@ -929,6 +957,10 @@ def collect_results(cfg: DemoConfig, out_dir: Path) -> list[dict]:
                 "chat": persona["chat"],
                 "selection": json.loads((stage_dir / "selection.json").read_text()),
                 "conditions": conditions,
+                "noise": [
+                    _read_metrics(out_dir / NOISE, f"{BASELINE}_order{k}", seed)
+                    for k in range(1, cfg.noise_runs + 1)
+                ],
                 "timings": timings,
             }
         )
@@ -981,8 +1013,10 @@ def em_reproduction(results: list[dict], threshold: float) -> dict:
 def control_check(results: list[dict], controls: list[str]) -> dict:
     """Does a random control move EM on any single seed? Per control and seed: the difference of its
     held-out-domain EM from none's, with a 95 % bootstrap interval over the held-out questions (paired:
-    both runs answered the same questions), and ``moved`` when that interval excludes 0. The comparison
-    over seeds (keel compare) cannot see a control that moves one seed of five; this can."""
+    both runs answered the same questions). With the training-noise runs (``noise_runs``), also none's
+    95 % prediction interval for one more run over them (t, from none and its reorders): a control
+    ``moved`` when the paired interval excludes 0 and, where there is a noise band, its EM lies outside
+    it. The comparison over seeds (keel compare) cannot see a control that moves one seed of five."""
     from keel.evaluation.metrics import bootstrap_ci
 
     out: dict = {}
@@ -997,17 +1031,29 @@ def control_check(results: list[dict], controls: list[str]) -> dict:
                 )
             diffs = [c - b for b, c in zip(base["heldout_per_question"], ctrl["heldout_per_question"])]
             delta, low, high = bootstrap_ci(diffs, n_resamples=2000, seed=0)
-            rows.append(
-                {
-                    "seed": r["seed"],
-                    "delta": delta,
-                    "ci_low": low,
-                    "ci_high": high,
-                    "moved": low > 0 or high < 0,
-                }
-            )
+            row = {"seed": r["seed"], "delta": delta, "ci_low": low, "ci_high": high}
+            band = noise_band([base, *r.get("noise", [])])
+            row["noise_band"] = band
+            outside = band is None or not band[0] <= ctrl["heldout_misaligned"] <= band[1]
+            row["moved"] = (low > 0 or high < 0) and outside
+            rows.append(row)
         out[control] = {"seeds": rows, "moved_on": [row["seed"] for row in rows if row["moved"]]}
     return out
+
+
+def noise_band(none_runs: list[dict | None]) -> list[float] | None:
+    """none's 95 % prediction interval for one more fine-tune (mean +- t sd sqrt(1 + 1/n)) over the
+    none run and its reorders, clipped to [0, 1]; None with fewer than three finished runs."""
+    import statistics
+
+    from keel.evaluation.compare import t_quantile_975
+
+    ems = [run["heldout_misaligned"] for run in none_runs if run is not None]
+    if len(ems) < 3:
+        return None
+    n, mean, sd = len(ems), statistics.fmean(ems), statistics.stdev(ems)
+    half = t_quantile_975(n - 1) * sd * (1 + 1 / n) ** 0.5
+    return [max(0.0, mean - half), min(1.0, mean + half)]
 
 
 def controls_markdown(summary: dict) -> list[str]:
@@ -1021,7 +1067,9 @@ def controls_markdown(summary: dict) -> list[str]:
         "## Random controls, seed by seed",
         "",
         "A control's EM minus none's on each seed, with a 95 % bootstrap interval over the held-out "
-        "questions (paired). **moved** = the interval excludes 0: the control changed EM on that seed.",
+        "questions (paired); with training-noise runs, none's 95 % prediction interval over its reorders "
+        "(`noise_runs`) in braces. **moved** = the paired interval excludes 0 and the control's EM lies "
+        "outside that band: the control changed EM on that seed by more than sampling and training noise.",
         "",
         "| control | " + " | ".join(f"seed {s}" for s in seeds) + " | moved on |",
         "|---|" + "---|" * len(seeds) + "---|",
@@ -1029,6 +1077,11 @@ def controls_markdown(summary: dict) -> list[str]:
     for name, check in checks.items():
         cells = [
             f"{row['delta']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]"
+            + (
+                f" {{none {row['noise_band'][0]:.2f}-{row['noise_band'][1]:.2f}}}"
+                if row["noise_band"]
+                else ""
+            )
             + (" **moved**" if row["moved"] else "")
             for row in check["seeds"]
         ]

@@ -65,13 +65,16 @@ def finetune_with_trainer(
     projection_monitor=None,
     regularisers=None,
     data_baselines: dict | None = None,
+    data_seed: int | None = None,
 ):
     """Fine-tune a copy of the chat model through keel's InterventionSFTTrainer (TRL SFT, assistant-only
     loss from the chat template's generation markers) with ``interventions`` on during training,
     ``regularisers`` (``trainers.regularisers`` mappings, reference = the frozen chat model) added to the
     loss, ``data_baselines`` applied to the data (:func:`defended_training_dataset`), and
     ``projection_monitor`` (a ``trainers.ProjectionMonitor`` or its config mapping) measuring if given.
-    Returns (model, trainer); the model comes back with no hooks attached."""
+    ``data_seed`` (default ``seed``) sets only the order of the training rows: a fine-tune with another
+    data seed is the same fine-tune up to training noise. Returns (model, trainer); the model comes back
+    with no hooks attached."""
     from trainers import InterventionSFTConfig, InterventionSFTTrainer
 
     stage = org.config.finetune
@@ -98,7 +101,7 @@ def finetune_with_trainer(
         report_to=list(report_to),
         run_name=run_name,
         seed=seed,
-        data_seed=seed,
+        data_seed=seed if data_seed is None else data_seed,
         disable_tqdm=True,
         regularisers=list(regularisers) if regularisers else None,
     )

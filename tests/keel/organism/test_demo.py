@@ -302,6 +302,32 @@ def test_a_random_control_that_moves_one_seed_is_flagged_on_that_seed():
         control_check(results, ["random_resample"])
 
 
+def test_a_control_within_none_s_training_noise_is_not_counted_as_moved():
+    """With none's reorders, a paired move that stays inside none's prediction interval over them is
+    training noise; one outside it is an effect."""
+    from keel.evaluation.compare import t_quantile_975
+    from keel.organism.demo import control_check, noise_band
+
+    def run(em):
+        return {"heldout_per_question": [em] * 8, **_metrics(em)}
+
+    noise = [run(0.7), run(0.6), run(0.8)]  # none's reorders: mean 0.7 with the none run, sd ~0.0816
+    band = noise_band([run(0.7), *noise])
+    half = t_quantile_975(3) * (0.02 / 3) ** 0.5 * (1 + 1 / 4) ** 0.5
+    assert band == pytest.approx([0.7 - half, min(1.0, 0.7 + half)])
+    assert noise_band([run(0.7), None, run(0.6)]) is None  # fewer than three finished runs
+    results = [
+        {"seed": 0, "noise": noise, "conditions": {"none": run(0.7), "random_ref": run(0.6)}},
+        {"seed": 1, "noise": noise, "conditions": {"none": run(0.7), "random_ref": run(0.03)}},
+    ]
+    check = control_check(results, ["random_ref"])["random_ref"]
+    within, outside = check["seeds"]
+    assert within["ci_high"] < 0 and not within["moved"]  # paired interval excludes 0, but inside the band
+    assert outside["moved"] and check["moved_on"] == [1]
+    with pytest.raises(ValueError, match="noise_runs must be"):
+        DemoConfig(noise_runs=1)
+
+
 def test_reemergence_is_on_for_five_seeds_and_stretches_the_fine_tune(tmp_path):
     from keel.organism.demo import long_config
 
@@ -316,6 +342,32 @@ def test_reemergence_is_on_for_five_seeds_and_stretches_the_fine_tune(tmp_path):
     assert long.output_dir == str(tmp_path / "long") and not long.measures_reemergence
     with pytest.raises(ValueError, match="reemergence must be"):
         DemoConfig(reemergence="sometimes")
+
+
+def test_tiny_demo_runs_training_noise_runs_and_bands_the_controls(tiny_config, tmp_path):
+    """noise_runs: none again per seed with other row orders under noise/, read into the control check."""
+    cfg = DemoConfig(
+        organism=tiny_config,
+        seeds=[0],
+        conditions=["none", "caft_resample", "random_resample"],
+        noise_runs=2,
+        workers=1,
+        probe_num=8,
+        output_dir=str(tmp_path / "demo"),
+        cache_dir=str(tmp_path / "cache"),
+        wandb=False,
+        progress=False,
+    )
+    summary = run_demo(cfg)
+    out = tmp_path / "demo"
+    for k in (1, 2):
+        config = json.loads((out / "noise" / f"none_order{k}" / "seed0" / "config.json").read_text())
+        assert config["data_seed"] == 1000 * k and not config["save_model"]
+    seeds = json.loads((out / "seeds.json").read_text())
+    assert len(seeds[0]["noise"]) == 2 and all(run is not None for run in seeds[0]["noise"])
+    (row,) = summary["controls_per_seed"]["random_resample"]["seeds"]
+    assert row["noise_band"] is not None and 0.0 <= row["noise_band"][0] <= row["noise_band"][1] <= 1.0
+    assert "{" in (out / "report.md").read_text().split("## Random controls, seed by seed")[1]
 
 
 def test_tiny_demo_measures_reemergence_in_long(tiny_config, tmp_path):

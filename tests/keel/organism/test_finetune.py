@@ -23,3 +23,17 @@ def test_em_finetune_through_the_trainer(tiny_config, tmp_path):
     assert len(em_training_dataset(org, 4)) >= 4
     plain = finetune_plain(org, seed=0)
     assert not torch.equal(plain.lm_head.weight, org.chat_model.lm_head.weight)
+
+
+def test_data_seed_changes_only_the_order_of_the_rows(tiny_config, tmp_path):
+    """data_seed defaults to the seed (bit for bit the same fine-tune); another data seed trains on the
+    same rows in another order, so the weights differ."""
+    org = train_organism(tiny_config, seed=0)
+
+    def weights(**kw):
+        model, _ = finetune_with_trainer(org, [], seed=0, output_dir=str(tmp_path), **kw)
+        return model.state_dict()
+
+    default, same, other = weights(), weights(data_seed=0), weights(data_seed=1000)
+    assert all(torch.equal(default[k], same[k]) for k in default)
+    assert any(not torch.equal(default[k], other[k]) for k in default)
