@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 
 from trl import TrlParser
 
-from keel.organism.demo import ALL_CONDITIONS, CONDITIONS, DEFENCES, DemoConfig, DemoRunError, run_demo
+from keel.organism.demo import (
+    ALL_CONDITIONS,
+    CONDITIONS,
+    DEFENCES,
+    DIAGNOSTICS,
+    DemoConfig,
+    DemoRunError,
+    run_demo,
+)
 from keel.sweep import EXECUTORS, SweepError
 
 from . import organism_cli
@@ -46,7 +54,9 @@ class DemoArguments:
             "help": "Subset of: "
             + " ".join(CONDITIONS)
             + "; opt-in defences (regularisers, data baselines, steering sweep): "
-            + " ".join(DEFENCES),
+            + " ".join(DEFENCES)
+            + "; opt-in diagnostics (CAFT held on half the layers): "
+            + " ".join(DIAGNOSTICS),
             "choices": ALL_CONDITIONS,
             "metavar": "CONDITION",
         },

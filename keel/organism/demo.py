@@ -165,8 +165,17 @@ DEFENCE_INTERVENTIONS: dict[str, list[dict]] = {
     f"steer_a{_fmt_w(a)}": [_uses("add", "persona_raw", "steer", coefficient=a)] for a in STEER_SWEEP
 }
 DEFENCES = tuple(dict.fromkeys([*REGULARISER_TABLE, *DATA_TABLE, *DEFENCE_INTERVENTIONS]))
-ALL_CONDITIONS = (*CONDITIONS, *DEFENCES)
+# Diagnostics (opt-in): where does caft_resample's coherence price come from? The same PCs held on the
+# first or the second half of the layers only (``half``: layer < L/2, or >= L/2, of L layers).
+DIAGNOSTICS: dict[str, list[dict]] = {
+    f"caft_resample_{half}_half": [
+        _uses("resample_ablate", "caft_pcs", f"caft_resample_{half}-L{{layer}}", half=half)
+    ]
+    for half in ("first", "second")
+}
+ALL_CONDITIONS = (*CONDITIONS, *DEFENCES, *DIAGNOSTICS)
 CONDITION_TABLE.update({c: DEFENCE_INTERVENTIONS.get(c, []) for c in DEFENCES})
+CONDITION_TABLE.update(DIAGNOSTICS)
 DATA_BASELINES = tuple(DATA_TABLE)  # labelled "data baseline (changes the training data)" in the report
 
 
@@ -488,8 +497,12 @@ def resolve_condition(condition: str, seed: int, root: str | Path, cfg: DemoConf
         rel = source_file(template["direction"]["source"], seed)
         path = Path(root) / rel
         digest = file_sha256(path)
+        half = template.get("half")
+        layers = cfg.organism.model.num_hidden_layers
         for d in load_directions(path):
-            spec = {k: v for k, v in template.items() if k != "direction"}
+            if half is not None and (d.layer < layers / 2) != (half == "first"):
+                continue
+            spec = {k: v for k, v in template.items() if k not in ("direction", "half")}
             for key, value in spec.items():
                 if isinstance(value, dict) and set(value) == {"config"}:
                     spec[key] = getattr(cfg, value["config"])

@@ -13,6 +13,7 @@ from keel.organism.demo import (
     CONDITIONS,
     DATA_BASELINES,
     DEFENCES,
+    DIAGNOSTICS,
     REGULARISER_TABLE,
     DemoConfig,
     build_regularisers,
@@ -35,7 +36,10 @@ def test_defences_are_opt_in_and_known():
         *("inoculate", "interleave"),
         *("steer_a0.25", "steer_a1", "steer_a2"),
     }
-    assert not set(DEFENCES) & set(CONDITIONS) and ALL_CONDITIONS == (*CONDITIONS, *DEFENCES)
+    assert not set(DEFENCES) & set(CONDITIONS) and ALL_CONDITIONS[: -len(DIAGNOSTICS)] == (
+        *CONDITIONS,
+        *DEFENCES,
+    )
     assert DemoConfig(conditions=["none", *DEFENCES]).conditions[1:] == list(DEFENCES)
     with pytest.raises(ValueError, match="Unknown condition"):
         DemoConfig(conditions=["none", "kl_w3"])

@@ -12,6 +12,7 @@ from keel.organism.demo import (
     CONDITIONS,
     CONTROLS,
     DEFENCES,
+    DIAGNOSTICS,
     SOURCES,
     DemoConfig,
     run_demo,
@@ -209,6 +210,12 @@ def test_caft_mean_ablation_holds_the_chat_models_mean_projection(tiny_config, t
     for a, *others in zip(specs["caft"], specs["caft_mean"], specs["caft_ref"], specs["caft_resample"]):
         for b in others:
             assert torch.equal(rows(a).vectors, rows(b).vectors)
+    # the diagnostics hold the same PCs on half of the tiny organism's two layers each
+    halves = dataclasses.replace(cfg, organism=tiny_config)
+    for name, (layer,) in zip(DIAGNOSTICS, ([0], [1])):
+        (half,) = build_interventions(resolve_condition(name, 0, root, halves), root)
+        assert half.layers == [layer] and half.operator == "resample_ablate"
+        assert torch.equal(rows(half).vectors, rows(specs["caft_resample"][layer]).vectors)
     for spec, saved in zip(specs["caft"], sources["caft_pcs"]):  # the files hold what was computed
         assert torch.equal(rows(spec).vectors, saved.vectors)
     prompts = prompt_ids(org.tokenizer, org.world, org.world.all_questions())
@@ -232,10 +239,11 @@ def test_demo_config_rejects_unknown_caft_options():
 
 def test_cli_help_lists_every_condition():
     action = next(a for a in make_parser()._actions if a.dest == "conditions")
-    default, defences = action.help.split(": ", 1)[1].split("; ")
+    default, defences, diagnostics = action.help.split(": ", 1)[1].split("; ")
     assert default.split() == list(CONDITIONS)
     assert defences.split(": ", 1)[1].split() == list(DEFENCES)
-    assert tuple(action.choices) == (*CONDITIONS, *DEFENCES)
+    assert diagnostics.split(": ", 1)[1].split() == list(DIAGNOSTICS)
+    assert tuple(action.choices) == (*CONDITIONS, *DEFENCES, *DIAGNOSTICS)
 
 
 def _metrics(em: float, trained: float = 1.0) -> dict:
