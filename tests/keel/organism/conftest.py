@@ -20,3 +20,25 @@ def tiny_config():
             "eval_samples": 2,
         }
     )
+
+
+@pytest.fixture
+def tiny_demo_config(tiny_config, tmp_path):
+    """``tiny_demo_config(**overrides)``: a one-seed, one-worker, quiet DemoConfig on the tiny organism,
+    writing under this test's tmp_path (``demo/``, ``cache/``)."""
+    from keel.organism.demo import DemoConfig
+
+    def make(**overrides):
+        settings = dict(
+            organism=tiny_config,
+            seeds=[0],
+            workers=1,
+            probe_num=8,
+            output_dir=str(tmp_path / "demo"),
+            cache_dir=str(tmp_path / "cache"),
+            wandb=False,
+            progress=False,
+        )
+        return DemoConfig(**{**settings, **overrides})
+
+    return make

@@ -140,20 +140,12 @@ def test_data_baselines_change_the_training_data():
     assert [m for m in mixed if m not in benign] == plain["messages"]
 
 
-def test_tiny_demo_with_defences(tiny_config, tmp_path):
+def test_tiny_demo_with_defences(tiny_demo_config, tmp_path):
     """kl_anchor, blocking (after none's PCs) and inoculate through the whole demo, on a tiny organism."""
     from keel.organism.demo import run_demo
 
-    cfg = DemoConfig(
-        organism=tiny_config,
-        seeds=[0],
-        workers=1,
+    cfg = tiny_demo_config(
         conditions=["none", "kl_anchor", "blocking", "inoculate"],
-        output_dir=str(tmp_path / "demo"),
-        cache_dir=str(tmp_path / "cache"),
-        wandb=False,
-        progress=False,
-        probe_num=8,
     )
     summary = run_demo(cfg)
     assert set(summary["conditions"]) == set(cfg.conditions)

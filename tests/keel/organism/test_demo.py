@@ -20,22 +20,14 @@ from keel.organism.demo import (
 )
 
 
-def test_tiny_demo_end_to_end(tiny_config, tmp_path):
+def test_tiny_demo_end_to_end(tiny_demo_config, tmp_path):
     """The four stages as sweeps: persona direction files, sweep A, the none model's PCs, sweep B (and the
     monitored rerun of none); summary, seeds, report, plots, and compare's outputs. A second call resumes:
     every run is skipped as done and the summary is the same."""
     from keel.sweep import read_status
 
-    cfg = DemoConfig(
-        organism=tiny_config,
-        seeds=[0],
-        workers=1,
-        probe_num=8,
+    cfg = tiny_demo_config(
         multi_layers=2,
-        output_dir=str(tmp_path / "demo"),
-        cache_dir=str(tmp_path / "cache"),
-        wandb=False,
-        progress=False,
     )
     summary = run_demo(cfg)
     out = tmp_path / "demo"
@@ -85,22 +77,14 @@ def test_tiny_demo_end_to_end(tiny_config, tmp_path):
     assert again["conditions"] == summary["conditions"] and again["chat_baseline"] == summary["chat_baseline"]
 
 
-def test_failed_run_is_recorded_and_a_rerun_resumes(tiny_config, tmp_path, monkeypatch):
+def test_failed_run_is_recorded_and_a_rerun_resumes(tiny_demo_config, tmp_path, monkeypatch):
     """A failing run is recorded (the others go on, stage B included), the demo stops with its name and
     writes no summary; rerunning the same command runs only what is missing."""
     import keel.organism.demo as demo
     from keel.sweep import read_status
 
-    cfg = DemoConfig(
-        organism=tiny_config,
-        seeds=[0],
+    cfg = tiny_demo_config(
         conditions=["none", "steer", "caft"],
-        workers=1,
-        probe_num=8,
-        output_dir=str(tmp_path / "demo"),
-        cache_dir=str(tmp_path / "cache"),
-        wandb=False,
-        progress=False,
     )
     real = demo.finetune_run
 
@@ -352,19 +336,11 @@ def test_reemergence_is_on_for_five_seeds_and_stretches_the_fine_tune(tmp_path):
         DemoConfig(reemergence="sometimes")
 
 
-def test_tiny_demo_runs_training_noise_runs_and_bands_the_controls(tiny_config, tmp_path):
+def test_tiny_demo_runs_training_noise_runs_and_bands_the_controls(tiny_demo_config, tmp_path):
     """noise_runs: none again per seed with other row orders under noise/, read into the control check."""
-    cfg = DemoConfig(
-        organism=tiny_config,
-        seeds=[0],
+    cfg = tiny_demo_config(
         conditions=["none", "caft_resample", "random_resample"],
         noise_runs=2,
-        workers=1,
-        probe_num=8,
-        output_dir=str(tmp_path / "demo"),
-        cache_dir=str(tmp_path / "cache"),
-        wandb=False,
-        progress=False,
     )
     summary = run_demo(cfg)
     out = tmp_path / "demo"
@@ -378,20 +354,12 @@ def test_tiny_demo_runs_training_noise_runs_and_bands_the_controls(tiny_config, 
     assert "{" in (out / "report.md").read_text().split("## Random controls, seed by seed")[1]
 
 
-def test_tiny_demo_measures_reemergence_in_long(tiny_config, tmp_path):
+def test_tiny_demo_measures_reemergence_in_long(tiny_demo_config, tiny_config, tmp_path):
     """reemergence on: the same conditions again with 3x the fine-tune steps, in long/, in the summary
     and the report."""
-    cfg = DemoConfig(
-        organism=tiny_config,
-        seeds=[0],
+    cfg = tiny_demo_config(
         conditions=["none", "steer"],
         reemergence="on",
-        workers=1,
-        probe_num=8,
-        output_dir=str(tmp_path / "demo"),
-        cache_dir=str(tmp_path / "cache"),
-        wandb=False,
-        progress=False,
     )
     summary = run_demo(cfg)
     long = summary["long"]
