@@ -226,6 +226,9 @@ class DemoConfig:
     caft_questions: str = "all"
     # PCA of centred differences (True, as CAFT) or of the raw ones (False: keeps the average shift).
     caft_centre: bool = True
+    # Which draw of the random controls' rows (0: the default draw). Another draw tells an effect of the
+    # random operator itself from one of the particular rows drawn.
+    random_draw: int = 0
     steer_alpha: float = 0.5  # preventative steering: alpha x the raw persona mean difference
     min_kept: float = 0.8  # validation: ablation must keep this share of well-formed answers
     probe_num: int = 64
@@ -273,6 +276,8 @@ class DemoConfig:
             raise ValueError(
                 f"noise_runs must be 0 or >= 2 (a prediction interval needs three none runs), got {self.noise_runs}."
             )
+        if self.random_draw < 0:
+            raise ValueError(f"random_draw must be >= 0 (0: the default draw), got {self.random_draw}.")
         if self.long_factor < 2:
             raise ValueError(
                 f"long_factor must be an integer >= 2 (times the fine-tune's steps), got {self.long_factor}."
@@ -293,7 +298,7 @@ class DemoRunError(RuntimeError):
 
 # Demo config keys each stage depends on (a stage run's config, so its hash changes only with them).
 PERSONA_KEYS = ("positions", "multi_layers", "min_kept", "probe_num", "probe_context_turns", "probe_tagged")
-PCS_KEYS = ("caft_components", "caft_pool", "caft_questions", "caft_centre")
+PCS_KEYS = ("caft_components", "caft_pool", "caft_questions", "caft_centre", "random_draw")
 
 
 # ---- stage 1: persona directions ----------------------------------------------------------------------
@@ -416,7 +421,7 @@ def finetune_pc_directions(org, tuned, cfg: DemoConfig, seed: int) -> dict[str, 
     matched random rows (``random_like_caft``: same k and layers)."""
     import torch
 
-    from interventions.extraction import finetune_difference, random_direction, with_reference_mean
+    from interventions.extraction import finetune_difference, with_reference_mean
     from keel.organism.data import prompt_ids
     from keel.organism.evaluate import generate
 
@@ -443,12 +448,20 @@ def finetune_pc_directions(org, tuned, cfg: DemoConfig, seed: int) -> dict[str, 
     chosen = {L: pcs[L].select(k) for L in sorted(pcs)}
     chat_pooled = pooled(org.chat_model)
     held = {L: with_reference_mean(org.chat_model, chat_pooled, d, layer=L) for L, d in chosen.items()}
-    randoms = {L: random_direction(like=d, seed=10_000 + 10 * seed + L) for L, d in chosen.items()}
     return {
         "caft_pcs": list(chosen.values()),
         "caft_pcs_held_mean": list(held.values()),
-        "random_like_caft": list(randoms.values()),
+        "random_like_caft": random_like(list(chosen.values()), seed, cfg.random_draw),
     }
+
+
+def random_like(directions: list, seed: int, draw: int = 0) -> list:
+    """The random controls' rows: per direction, random orthonormal rows of the same k, site and layer,
+    from a generator seeded by the pretraining seed, the layer and the draw (draw 0 is the default)."""
+    from interventions.extraction import random_direction
+
+    base = 10_000 + 10 * seed + 1_000_000 * draw
+    return [random_direction(like=d, seed=base + d.layer) for d in directions]
 
 
 def finetune_pcs_stage(run, run_dir: Path) -> dict:
@@ -837,7 +850,9 @@ def _run_stages(cfg: DemoConfig, out_dir: Path, executor: str, submitit_options,
     # 3. fine-tune-difference PCs from each seed's saved none model; 4. sweep B
     stage_b = [c for c in cfg.conditions if c in AFTER_NONE]
     if stage_b:
-        pcs = {k: getattr(cfg, k) for k in PCS_KEYS}
+        # random_draw joins the stage config only when set, so the default draw keeps the hashes (and the
+        # resumable run folders) that demos made before the option existed
+        pcs = {k: getattr(cfg, k) for k in PCS_KEYS if k != "random_draw" or cfg.random_draw}
         pcs_runs = [
             RunSpec(
                 FINETUNE_PCS,

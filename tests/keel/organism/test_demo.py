@@ -371,3 +371,23 @@ def test_tiny_demo_measures_reemergence_in_long(tiny_demo_config, tiny_config, t
     assert on_disk["config"]["organism"]["finetune"]["steps"] == 3 * tiny_config.finetune.steps
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "## Does EM come back?" in report and f"{long['finetune_steps']} steps" in report
+
+
+def test_random_draws_give_other_rows_and_draw_0_keeps_the_rows_demos_were_run_with():
+    """random_draw: another draw of the controls' rows (same k and layer, orthonormal); draw 0 is the
+    generator seed every demo before the option used (10_000 + 10 x seed + layer)."""
+    import torch
+
+    from interventions.direction import Direction
+    from interventions.extraction import random_direction
+    from keel.organism.demo import random_like
+
+    pcs = [Direction(vectors=torch.linalg.qr(torch.randn(16, 2))[0].T, layer=L) for L in range(3)]
+    default = random_like(pcs, seed=2)
+    other = random_like(pcs, seed=2, draw=1)
+    for d, a, b in zip(pcs, default, other, strict=True):
+        assert torch.equal(a.vectors, random_direction(like=d, seed=10_000 + 20 + d.layer).vectors)
+        assert (a.layer, a.k, b.layer, b.k) == (d.layer, 2, d.layer, 2)
+        assert b.is_orthonormal() and torch.linalg.svdvals(a.vectors @ b.vectors.T).max() < 0.99
+    with pytest.raises(ValueError, match="random_draw must be"):
+        DemoConfig(random_draw=-1)
