@@ -155,13 +155,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{summary['em_reproduced']['threshold']:g}); report.md gives those seeds apart.",
             file=sys.stderr,
         )
-    moved = {c: check["moved_on"] for c, check in summary["controls_per_seed"].items() if check["moved_on"]}
-    if moved:
-        print(
-            f"{PROG}: warning: random control(s) moved EM on single seeds ({moved}); report.md, "
-            "'Random controls, seed by seed'.",
-            file=sys.stderr,
+    checks = [("", summary["controls_per_seed"], "Random controls, seed by seed")]
+    if "long" in summary:
+        checks.append(
+            (" after the long fine-tune", summary["long"]["controls_per_seed"], "Does EM come back?")
         )
+    for when, check_of, section in checks:
+        moved = {c: check["moved_on"] for c, check in check_of.items() if check["moved_on"]}
+        if moved:
+            print(
+                f"{PROG}: warning: random control(s) moved EM on single seeds{when} ({moved}); report.md, "
+                f"'{section}'.",
+                file=sys.stderr,
+            )
     return 0
 
 

@@ -945,6 +945,7 @@ def reemergence(cfg: DemoConfig, out_dir: Path, executor: str, submitit_options,
         "finetune_steps": long_cfg.organism.finetune.steps,
         "conditions": long_summary["conditions"],
         "em_reproduced": long_summary["em_reproduced"],
+        "controls_per_seed": long_summary["controls_per_seed"],
     }
 
 
@@ -1362,7 +1363,19 @@ def reemergence_markdown(summary: dict) -> list[str]:
             f"| {name} | {_fmt(c['heldout_misaligned'])} | {_fmt(after['heldout_misaligned'])} | {per_seed} | "
             f"{trained} | {after['incoherent']['mean']:.3f} |"
         )
+    moved = {name: check["moved_on"] for name, check in (long.get("controls_per_seed") or {}).items()}
+    if moved:
+        lines += [
+            "",
+            "Random controls moved (per-seed check, long fine-tune): " + _describe_moved(moved) + ".",
+        ]
     return lines
+
+
+def _describe_moved(moved: dict[str, list[int]]) -> str:
+    return "; ".join(
+        f"{name} on seeds {seeds}" if seeds else f"{name} on no seed" for name, seeds in moved.items()
+    )
 
 
 def _describe(mapping: dict) -> str:

@@ -369,8 +369,31 @@ def test_tiny_demo_measures_reemergence_in_long(tiny_demo_config, tiny_config, t
     on_disk = json.loads((long_dir / "summary.json").read_text())
     assert on_disk["conditions"] == long["conditions"]
     assert on_disk["config"]["organism"]["finetune"]["steps"] == 3 * tiny_config.finetune.steps
+    assert long["controls_per_seed"] == on_disk["controls_per_seed"]  # the long demo's own control check
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "## Does EM come back?" in report and f"{long['finetune_steps']} steps" in report
+
+
+def test_the_reemergence_report_names_the_controls_that_moved_after_the_long_fine_tune():
+    from keel.organism.demo import reemergence_markdown
+
+    def cond(em):
+        row = {"heldout_misaligned": em, "in_domain_train_misaligned": 1.0, "incoherent": 0.0}
+        return {m: {"mean": v, "ci_low": v, "ci_high": v} for m, v in row.items()} | {"seeds": [row]}
+
+    summary = {
+        "config": {"organism": {"finetune": {"steps": 10}}},
+        "conditions": {"none": cond(0.8), "random_resample": cond(0.1)},
+        "long": {
+            "factor": 3,
+            "finetune_steps": 30,
+            "conditions": {"none": cond(0.8), "random_resample": cond(0.2)},
+            "controls_per_seed": {"random_resample": {"moved_on": [0]}, "random_ref": {"moved_on": []}},
+        },
+    }
+    text = "\n".join(reemergence_markdown(summary))
+    assert "random_resample on seeds [0]; random_ref on no seed" in text
+    assert "| random_resample | 0.100 [0.100, 0.100] | 0.200 [0.200, 0.200] |" in text
 
 
 def test_random_draws_give_other_rows_and_draw_0_keeps_the_rows_demos_were_run_with():
