@@ -55,7 +55,7 @@ class DemoArguments:
             + " ".join(CONDITIONS)
             + "; opt-in defences (regularisers, data baselines, steering sweep): "
             + " ".join(DEFENCES)
-            + "; opt-in diagnostics (CAFT held on half the layers): "
+            + "; opt-in diagnostics (CAFT PCs resampled on half the layers, or other operators on the second half): "
             + " ".join(DIAGNOSTICS),
             "choices": ALL_CONDITIONS,
             "metavar": "CONDITION",

@@ -165,13 +165,26 @@ DEFENCE_INTERVENTIONS: dict[str, list[dict]] = {
     f"steer_a{_fmt_w(a)}": [_uses("add", "persona_raw", "steer", coefficient=a)] for a in STEER_SWEEP
 }
 DEFENCES = tuple(dict.fromkeys([*REGULARISER_TABLE, *DATA_TABLE, *DEFENCE_INTERVENTIONS]))
+
+
 # Diagnostics (opt-in): where does caft_resample's coherence price come from? The same PCs held on the
-# first or the second half of the layers only (``half``: layer < L/2, or >= L/2, of L layers).
+# first or the second half of the layers only (``half``: layer < L/2, or >= L/2, of L layers), and
+# resampled on the first half with a cheaper operator on the second (the chat model's mean, or zero).
+def _resample_half(half: str) -> dict:
+    return _uses("resample_ablate", "caft_pcs", f"caft_resample_{half}-L{{layer}}", half=half)
+
+
 DIAGNOSTICS: dict[str, list[dict]] = {
-    f"caft_resample_{half}_half": [
-        _uses("resample_ablate", "caft_pcs", f"caft_resample_{half}-L{{layer}}", half=half)
-    ]
-    for half in ("first", "second")
+    "caft_resample_first_half": [_resample_half("first")],
+    "caft_resample_second_half": [_resample_half("second")],
+    "caft_resample_first_mean_second": [
+        _resample_half("first"),
+        _uses("mean_ablate", "caft_pcs_held_mean", "caft_mean_second-L{layer}", half="second"),
+    ],
+    "caft_resample_first_zero_second": [
+        _resample_half("first"),
+        _uses("project_out", "caft_pcs", "caft_second-L{layer}", half="second"),
+    ],
 }
 ALL_CONDITIONS = (*CONDITIONS, *DEFENCES, *DIAGNOSTICS)
 CONDITION_TABLE.update({c: DEFENCE_INTERVENTIONS.get(c, []) for c in DEFENCES})

@@ -196,10 +196,22 @@ def test_caft_mean_ablation_holds_the_chat_models_mean_projection(tiny_config, t
             assert torch.equal(rows(a).vectors, rows(b).vectors)
     # the diagnostics hold the same PCs on half of the tiny organism's two layers each
     halves = dataclasses.replace(cfg, organism=tiny_config)
-    for name, (layer,) in zip(DIAGNOSTICS, ([0], [1])):
+    for name, layer in (("caft_resample_first_half", 0), ("caft_resample_second_half", 1)):
         (half,) = build_interventions(resolve_condition(name, 0, root, halves), root)
         assert half.layers == [layer] and half.operator == "resample_ablate"
         assert torch.equal(rows(half).vectors, rows(specs["caft_resample"][layer]).vectors)
+    # ... and resample the first half, with the chat model's mean or zero on the second
+    for name, like in (
+        ("caft_resample_first_mean_second", "caft_mean"),
+        ("caft_resample_first_zero_second", "caft"),
+    ):
+        first, second = build_interventions(resolve_condition(name, 0, root, halves), root)
+        assert (first.layers, first.operator) == ([0], "resample_ablate")
+        assert (second.layers, second.operator) == ([1], specs[like][1].operator)
+        assert torch.equal(rows(first).vectors, rows(specs["caft_resample"][0]).vectors)
+        assert torch.equal(rows(second).vectors, rows(specs[like][1]).vectors)
+        if like == "caft_mean":
+            assert torch.equal(rows(second).mean, rows(specs["caft_mean"][1]).mean)
     for spec, saved in zip(specs["caft"], sources["caft_pcs"]):  # the files hold what was computed
         assert torch.equal(rows(spec).vectors, saved.vectors)
     prompts = prompt_ids(org.tokenizer, org.world, org.world.all_questions())
