@@ -2,12 +2,14 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
 from keel.commands.demo import load_config, make_parser, resolve
 from keel.organism.demo import (
     AFTER_NONE,
+    ALL_CONDITIONS,
     CONDITION_TABLE,
     CONDITIONS,
     CONTROLS,
@@ -18,6 +20,8 @@ from keel.organism.demo import (
     run_demo,
     source_file,
 )
+
+RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 
 
 def test_tiny_demo_end_to_end(tiny_demo_config, tmp_path):
@@ -121,6 +125,15 @@ def test_conditions_are_data_resolved_through_sources():
             per_layer = source.name in ("persona_multi", "caft_pcs", "caft_pcs_held_mean", "random_like_caft")
             assert ("{layer}" in item["name"]) == per_layer, name
     assert CONDITION_TABLE["none"] == [] and CONDITIONS[0] == "none"
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted(p.name for p in RECIPES.glob("demo*.yaml") if p.name != "demo-rl.yaml")
+)
+def test_every_demo_recipe_loads(recipe):
+    """A recipe the README points at must load: unknown keys, bad conditions and bad values raise."""
+    cfg = load_config(str(RECIPES / recipe))
+    assert cfg.seeds and set(cfg.conditions) <= set(ALL_CONDITIONS)
 
 
 def test_cli_config_splits_demo_and_organism_keys(tmp_path):
