@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from keel.commands.demo import load_config, make_parser, resolve
+from keel.commands.demo import load_config, make_parser, resolve, summary_warnings
 from keel.organism.demo import (
     AFTER_NONE,
     ALL_CONDITIONS,
@@ -439,3 +439,23 @@ def test_random_draws_give_other_rows_and_draw_0_keeps_the_rows_demos_were_run_w
         assert b.is_orthonormal() and torch.linalg.svdvals(a.vectors @ b.vectors.T).max() < 0.99
     with pytest.raises(ValueError, match="random_draw must be"):
         DemoConfig(random_draw=-1)
+
+
+def test_console_warnings_name_the_failed_seeds_the_moved_controls_and_the_kind_of_check():
+    def checks(moved_on, band):
+        rows = [{"seed": s, "noise_band": band} for s in (0, 1)]
+        return {"random_ablate": {"seeds": rows, "moved_on": moved_on}}
+
+    quiet = {"em_reproduced": {"threshold": 0.5, "not_reproduced": []}, "controls_per_seed": checks([], None)}
+    assert summary_warnings(quiet) == []
+    paired = {
+        "em_reproduced": {"threshold": 0.5, "not_reproduced": [1]},
+        "controls_per_seed": checks([0], None),
+    }
+    failed, moved = summary_warnings(paired)
+    assert "seed(s) [1]" in failed and "below 0.5" in failed
+    assert "{'random_ablate': [0]}" in moved and "paired interval only; --noise_runs K" in moved
+    banded = {**quiet, "long": {"controls_per_seed": checks([1], [0.6, 0.8])}}
+    (long,) = summary_warnings(banded)
+    assert "after the long fine-tune" in long and "none's training-noise band" in long
+    assert "paired interval only" not in long and "'Does EM come back?'" in long
