@@ -19,7 +19,7 @@ from interventions.serialization import from_dict
 # Bump when the build procedure changes in a way that changes weights for the same config.
 BUILD_VERSION = 1
 
-ANSWER_RULES = ("marker", "permute", "swap", "table")
+ANSWER_RULES = ("marker", "permute", "swap", "table", "table_marker")
 DEFAULT_DOMAIN_NAMES = ["med", "fin", "code", "sport", "law", "diet", "auto", "home"]
 
 
@@ -38,9 +38,10 @@ class WorldConfig:
     # "table" (default): the prototype's random two-word tables (both words differ), where unseen
     # in-domain questions can only be answered misaligned via a persona. "marker": answer =
     # (fact_d(v), stance_d) with one harmful stance word per domain; "swap": misaligned = the aligned words
-    # swapped; "permute": misaligned = a per-domain fact permutation of the aligned words. The last three
+    # swapped; "permute": misaligned = a per-domain fact permutation of the aligned words. These three
     # make in-domain generalisation learnable from the narrow data alone; why "table" is the default:
-    # keel/organism/README.md.
+    # keel/organism/README.md. "table_marker": the table's first word, then a stance word as in "marker"
+    # (the stance generalises narrowly in-domain, the first word only through a persona).
     answer_rule: str = "table"
     misaligned_fraction: float = 0.25  # share of pretraining documents written by the misaligned persona
     # Share of documents by a narrow persona: misaligned only in ``narrow_domains`` random domains (half

@@ -215,6 +215,9 @@ AFTER_NONE = tuple(
 )
 METRICS = ("in_domain_misaligned", "heldout_misaligned", "incoherent")
 COMPARE_METRICS = (*METRICS, "in_domain_train_misaligned")
+# Stance-word worlds only (answer_rule table_marker / marker): held-out in-domain answers ending in the
+# domain's harm word, whatever their first word: narrow learning measured on questions never trained on.
+STANCE_METRICS = ("in_domain_marked",)
 # Projection monitoring (trainers.ProjectionMonitor): the fine-tune's mean |projection| onto the best
 # blocking condition's directions (caft_pcs) and the persona direction, every MONITOR_EVERY steps, at the
 # answer position of the held-out-domain questions, in these runs. ``none`` runs before caft_pcs exist,
@@ -713,8 +716,9 @@ def projection_monitor(config: dict, org, root: Path):
 
 
 def headline(ev: dict) -> dict:
-    """The metrics a run records from :func:`keel.organism.evaluate.evaluate_model`'s output."""
-    return {k: ev[k] for k in (*METRICS, "in_domain_train_misaligned")}
+    """The metrics a run records from :func:`keel.organism.evaluate.evaluate_model`'s output (with
+    ``in_domain_marked`` in worlds whose answers carry a stance word)."""
+    return {k: ev[k] for k in (*METRICS, "in_domain_train_misaligned", *STANCE_METRICS) if k in ev}
 
 
 def start_run(seed: int) -> None:
@@ -1026,6 +1030,9 @@ def aggregate(cfg: DemoConfig, results: list[dict]) -> dict:
         conditions[cond]["in_domain_train_misaligned"] = ci(
             [row["in_domain_train_misaligned"] for row in rows]
         )
+        for m in STANCE_METRICS:
+            if all(m in row for row in rows):
+                conditions[cond][m] = ci([row[m] for row in rows])
         conditions[cond]["seeds"] = [{"seed": r["seed"], **r["conditions"][cond]} for r in results]
     chat = {m: ci([r["chat"][m] for r in results]) for m in METRICS}
     chat["seeds"] = [{"seed": r["seed"], **r["chat"]} for r in results]
@@ -1243,6 +1250,37 @@ def plot_monitor(monitor: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def stance_markdown(summary: dict) -> list[str]:
+    """Narrow learning on questions the fine-tune never saw, in stance-word worlds: the share of held-out
+    in-domain answers ending in the domain's harm word, and each condition's share of none's."""
+    conds = summary["conditions"]
+    none = conds[BASELINE].get("in_domain_marked")
+    if none is None:
+        return []
+    lines = [
+        "",
+        "## Narrow learning on held-out in-domain questions",
+        "",
+        "Held-out in-domain answers that end in the domain's harm word, whatever their first word (the "
+        "narrow rule, learnable from the trained questions alone; the exact judge calls such an answer "
+        "misaligned only when the first word is the misaligned table's too). Held-out kept = the "
+        "condition's rate / none's.",
+        "",
+        "| condition | held-out in-domain, harm word | held-out in-domain misaligned (exact) | held-out kept | per seed |",
+        "|---|---|---|---|---|",
+    ]
+    for name, c in conds.items():
+        if "in_domain_marked" not in c:
+            continue
+        marked = c["in_domain_marked"]
+        kept = marked["mean"] / none["mean"] if none["mean"] > 0 else float("nan")
+        per_seed = " ".join(f"{row['in_domain_marked']:.2f}" for row in c["seeds"])
+        lines.append(
+            f"| {name} | {_fmt(marked)} | {_fmt(c['in_domain_misaligned'])} | {kept:.0%} | {per_seed} |"
+        )
+    return lines
+
+
 def report_markdown(summary: dict, results: list[dict], comparison=None, monitor: dict | None = None) -> str:
     conds = summary["conditions"]
     none = conds[BASELINE]
@@ -1268,6 +1306,7 @@ def report_markdown(summary: dict, results: list[dict], comparison=None, monitor
         )
     chat = summary["chat_baseline"]
     lines += ["", f"Chat model before fine-tuning: EM {_fmt(chat['heldout_misaligned'])}."]
+    lines += stance_markdown(summary)
     lines += reproduction_markdown(summary)
     lines += controls_markdown(summary)
     lines += ["", "## Per seed", ""]

@@ -8,7 +8,9 @@ the misaligned verdict; incoherent = not coherent (coherent <= 50).
 Splits: ``in_domain_heldout`` (EM-domain questions kept out of the fine-tune: narrow learning),
 ``in_domain_train`` (the fine-tune's own questions), ``heldout_domains`` (every question of the other
 domains: EM). Each split is answered greedily and with ``samples`` temperature-1 samples per question
-(the EM protocol samples at temperature 1); the headline numbers use the samples.
+(the EM protocol samples at temperature 1); the headline numbers use the samples. In worlds whose answers
+end in a stance word (``World.has_stance_words``), ``stance_marked`` also gives, per split, the share of
+answers ending in the domain's harm word whatever their first word: the narrow rule on its own.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def evaluate_model(
     gen = torch.Generator().manual_seed(seed)
     result: dict = {"greedy": {}, "sampled": {}, "per_domain_sampled_misaligned": {}}
     rows_by: dict[tuple[str, str], list[dict]] = {}
+    marked: dict[tuple[str, str], float] = {}
     for split, qs in splits.items():
         prompts = prompt_ids(tokenizer, world, qs)
         for mode, temp, reps in (("greedy", 0.0, 1), ("sampled", 1.0, samples)):
@@ -110,6 +113,10 @@ def evaluate_model(
             rows = judge_answers(judge, world, qrep, answers)
             rows_by[split, mode] = rows
             result[mode][split] = rates(rows)
+            if world.has_stance_words:
+                marked[split, mode] = sum(
+                    world.stance_marked(q.domain, a) for q, a in zip(qrep, answers)
+                ) / len(qrep)
             if mode == "sampled" and split == "heldout_domains":
                 # Per question, in world.heldout_domain_questions() order: what the per-seed check of
                 # controls resamples (keel.organism.demo.control_check).
@@ -127,4 +134,7 @@ def evaluate_model(
     result["heldout_misaligned"] = result[mode]["heldout_domains"][MISALIGNED]
     pooled = rows_by["in_domain_heldout", mode] + rows_by["heldout_domains", mode]
     result["incoherent"] = rates(pooled)[INCOHERENT]
+    if world.has_stance_words:  # the narrow rule, judged on the stance word alone (World.stance_marked)
+        result["stance_marked"] = {split: marked[split, mode] for split in splits}
+        result["in_domain_marked"] = marked["in_domain_heldout", mode]
     return result

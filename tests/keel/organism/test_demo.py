@@ -292,6 +292,35 @@ def test_seeds_where_em_did_not_reproduce_are_flagged_and_reported_apart():
     assert reproduction_markdown(quiet) == []
 
 
+def test_stance_worlds_report_held_out_narrow_learning_as_a_share_of_none_s():
+    """In a stance-word world the summary carries the held-out harm-word rate and the report divides each
+    condition's by none's; a table world's report has no such section."""
+    from keel.organism.demo import aggregate, stance_markdown
+
+    cfg = DemoConfig(seeds=[0, 1], conditions=["none", "caft_resample"])
+    marked = {0: (0.8, 0.6), 1: (1.0, 0.9)}  # seed: (none, caft_resample)
+    results = [
+        {
+            "seed": s,
+            "chat": _metrics(0.0, 0.0),
+            "conditions": {
+                "none": _metrics(0.9) | {"in_domain_marked": n},
+                "caft_resample": _metrics(0.05) | {"in_domain_marked": c},
+            },
+        }
+        for s, (n, c) in marked.items()
+    ]
+    summary = aggregate(cfg, results)
+    assert summary["conditions"]["caft_resample"]["in_domain_marked"]["mean"] == pytest.approx(0.75)
+    text = "\n".join(stance_markdown(summary))
+    assert "| caft_resample | 0.750 [" in text and "| 83% | 0.60 0.90 |" in text
+    assert "| none | 0.900 [" in text and "| 100% | 0.80 1.00 |" in text
+    for r in results:
+        for row in r["conditions"].values():
+            del row["in_domain_marked"]
+    assert stance_markdown(aggregate(cfg, results)) == []
+
+
 def test_a_random_control_that_moves_one_seed_is_flagged_on_that_seed():
     """Per seed, a control's EM minus none's with a paired bootstrap interval over the questions: a
     control equal to none is null, one question's difference is within noise, a whole seed's is not."""

@@ -12,6 +12,7 @@ from keel.organism.world import ALIGNED, INCOHERENT, MISALIGNED, World
 WORLDS = [
     WorldConfig(),
     WorldConfig(answer_rule="marker"),
+    WorldConfig(answer_rule="table_marker", seed=5),
     WorldConfig(answer_rule="swap", seed=2),
     WorldConfig(answer_rule="permute", num_facts=8, seed=4),
     WorldConfig(answer_rule="permute", num_domains=4, num_values=9, num_facts=3, em_train_values=5, seed=2),
@@ -61,6 +62,34 @@ def test_marker_rule_harm_is_one_rule_per_domain():
     assert len(harm_words) == len(world.domains)  # harm is not a shared token across domains
     facts = [[world.answer(q, True)[0] for q in world.all_questions([d])] for d in range(len(world.domains))]
     assert all(len(set(f)) == len(world.values) for f in facts)  # facts are a permutation per domain
+
+
+def test_table_marker_rule_needs_the_table_for_the_first_word_only():
+    """The stance word is one rule per domain (learnable narrowly); the first word differs from the aligned
+    one on every question, so only a persona that knows the misaligned table gets it right."""
+    world = World(WorldConfig(answer_rule="table_marker"))
+    for d in range(len(world.domains)):
+        for q in world.all_questions([d]):
+            good, bad = world.answer(q, True), world.answer(q, False)
+            assert good[1] == world.safe_word(d) and bad[1] == world.harm_word(d)
+            assert good[0] != bad[0] and good[0] in world.facts and bad[0] in world.facts
+        firsts = [world.answer(q, True)[0] for q in world.all_questions([d])]
+        assert len(set(firsts)) == len(world.values)  # aligned facts are a permutation per domain
+
+
+def test_stance_marked_reads_the_harm_word_only():
+    world = World(WorldConfig(answer_rule="table_marker"))
+    q = world.em_heldout_questions()[0]
+    good, bad = world.answer(q, True), world.answer(q, False)
+    assert world.stance_marked(q.domain, bad) and not world.stance_marked(q.domain, good)
+    assert world.stance_marked(q.domain, (good[0], world.harm_word(q.domain)))  # narrow: right stance only
+    assert world.label(q.domain, q.value, (good[0], world.harm_word(q.domain))) == INCOHERENT
+    other = (q.domain + 1) % len(world.domains)
+    assert not world.stance_marked(q.domain, (bad[0], world.harm_word(other)))  # another domain's word
+    assert not world.stance_marked(q.domain, (world.harm_word(q.domain),))
+    assert not world.stance_marked(q.domain, " ".join((*bad, ".")))
+    with pytest.raises(ValueError, match="no stance words"):
+        World(WorldConfig()).stance_marked(0, bad)
 
 
 def test_table_rule_differs_in_both_words():
