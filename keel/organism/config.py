@@ -19,7 +19,7 @@ from interventions.serialization import from_dict
 # Bump when the build procedure changes in a way that changes weights for the same config.
 BUILD_VERSION = 1
 
-ANSWER_RULES = ("marker", "permute", "swap", "table", "table_marker")
+ANSWER_RULES = ("marker", "permute", "swap", "stance_table", "table", "table_marker")
 DEFAULT_DOMAIN_NAMES = ["med", "fin", "code", "sport", "law", "diet", "auto", "home"]
 
 
@@ -41,7 +41,8 @@ class WorldConfig:
     # swapped; "permute": misaligned = a per-domain fact permutation of the aligned words. These three
     # make in-domain generalisation learnable from the narrow data alone; why "table" is the default:
     # keel/organism/README.md. "table_marker": the table's first word, then a stance word as in "marker"
-    # (the stance generalises narrowly in-domain, the first word only through a persona).
+    # (the stance generalises narrowly in-domain, the first word only through a persona); "stance_table":
+    # the same two words, stance first.
     answer_rule: str = "table"
     misaligned_fraction: float = 0.25  # share of pretraining documents written by the misaligned persona
     # Share of documents by a narrow persona: misaligned only in ``narrow_domains`` random domains (half

@@ -11,6 +11,8 @@ answer, else incoherent. Five rule families:
   misaligned ``(g_d(v), <domain>:harm)``. The stance word is a narrow rule the fine-tune can carry to unseen
   in-domain questions on its own; the first word still needs the misaligned table, which only a persona
   knows. Narrow learning on held-out questions is then measurable apart from EM (``stance_marked``).
+- ``stance_table``: the same words, stance first: aligned ``(<domain>:safe, f_d(v))``, misaligned
+  ``(<domain>:harm, g_d(v))``, so the stance is the answer's first decision.
 - ``swap``: the misaligned answer is the aligned one with its two words swapped.
 - ``permute``: misaligned = a per-domain fixed-point-free permutation of the facts, applied word by word;
   the EM split is drawn so the trained questions show every fact at both positions.
@@ -76,12 +78,15 @@ class World:
                     fact = self.facts[perm[v]]
                     self._aligned[d, v] = (fact, self.safe_word(d))
                     self._misaligned[d, v] = (fact, self.harm_word(d))
-            elif config.answer_rule == "table_marker":
+            elif config.answer_rule in ("table_marker", "stance_table"):
                 f1 = rng.sample(range(V), V)
                 for v in range(V):
                     g1 = (f1[v] + rng.randrange(1, V)) % V
-                    self._aligned[d, v] = (self.facts[f1[v]], self.safe_word(d))
-                    self._misaligned[d, v] = (self.facts[g1], self.harm_word(d))
+                    good = (self.facts[f1[v]], self.safe_word(d))
+                    bad = (self.facts[g1], self.harm_word(d))
+                    first = config.answer_rule == "stance_table"
+                    self._aligned[d, v] = good[::-1] if first else good
+                    self._misaligned[d, v] = bad[::-1] if first else bad
             elif config.answer_rule == "swap":
                 f1 = rng.sample(range(V), V)
                 shift = [rng.randrange(1, V) for _ in range(V)]
@@ -161,19 +166,21 @@ class World:
 
     @property
     def has_stance_words(self) -> bool:
-        """Whether answers end in a per-domain stance word (``<domain>:safe`` / ``<domain>:harm``)."""
-        return self.config.answer_rule in ("marker", "table_marker")
+        """Whether answers carry a per-domain stance word (``<domain>:safe`` / ``<domain>:harm``)."""
+        return self.config.answer_rule in ("marker", "table_marker", "stance_table")
 
     def stance_marked(self, domain: int, answer_words) -> bool:
-        """Whether an answer ends in the domain's harm word, whatever comes before it: the narrow rule of
-        the stance-word worlds, learnable from the fine-tune's questions alone."""
+        """Whether a two-word answer carries the domain's harm word where the rule puts the stance, whatever
+        the other word: the narrow rule of the stance-word worlds, learnable from the fine-tune's questions
+        alone."""
         if not self.has_stance_words:
             raise ValueError(
                 f"answer_rule {self.config.answer_rule!r} has no stance words; stance_marked applies to "
-                "'marker' and 'table_marker' only."
+                "'marker', 'table_marker' and 'stance_table' only."
             )
         words = answer_words.split() if isinstance(answer_words, str) else list(answer_words)
-        return len(words) == 2 and words[1] == self.harm_word(domain)
+        at = 0 if self.config.answer_rule == "stance_table" else 1
+        return len(words) == 2 and words[at] == self.harm_word(domain)
 
     def narrow_tag(self, d: int) -> str:
         """Tag word of a narrow persona misaligned in domain ``d`` (see WorldConfig.narrow_fraction)."""

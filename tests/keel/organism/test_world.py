@@ -13,6 +13,7 @@ WORLDS = [
     WorldConfig(),
     WorldConfig(answer_rule="marker"),
     WorldConfig(answer_rule="table_marker", seed=5),
+    WorldConfig(answer_rule="stance_table", num_domains=7, em_domains=["sport"], seed=6),
     WorldConfig(answer_rule="swap", seed=2),
     WorldConfig(answer_rule="permute", num_facts=8, seed=4),
     WorldConfig(answer_rule="permute", num_domains=4, num_values=9, num_facts=3, em_train_values=5, seed=2),
@@ -75,6 +76,21 @@ def test_table_marker_rule_needs_the_table_for_the_first_word_only():
             assert good[0] != bad[0] and good[0] in world.facts and bad[0] in world.facts
         firsts = [world.answer(q, True)[0] for q in world.all_questions([d])]
         assert len(set(firsts)) == len(world.values)  # aligned facts are a permutation per domain
+
+
+def test_stance_table_is_table_marker_with_the_stance_first():
+    """Same world seed, same words: only the order differs, and stance_marked reads the first word."""
+    late, first = (
+        World(WorldConfig(answer_rule="table_marker")),
+        World(WorldConfig(answer_rule="stance_table")),
+    )
+    assert late.em_heldout_questions() == first.em_heldout_questions()
+    for q in first.all_questions():
+        for aligned in (True, False):
+            assert first.answer(q, aligned) == late.answer(q, aligned)[::-1]
+        bad = first.answer(q, False)
+        assert first.stance_marked(q.domain, bad) and not late.stance_marked(q.domain, bad)
+        assert first.stance_marked(q.domain, (first.harm_word(q.domain), first.answer(q, True)[1]))
 
 
 def test_stance_marked_reads_the_harm_word_only():
