@@ -215,8 +215,9 @@ AFTER_NONE = tuple(
 )
 METRICS = ("in_domain_misaligned", "heldout_misaligned", "incoherent")
 COMPARE_METRICS = (*METRICS, "in_domain_train_misaligned")
-# Stance-word worlds only (answer_rule table_marker / marker): held-out in-domain answers ending in the
-# domain's harm word, whatever their first word: narrow learning measured on questions never trained on.
+# Stance-word worlds only (answer_rule marker / table_marker / stance_table): held-out in-domain answers
+# with the domain's harm word where the rule puts the stance, whatever the other word: narrow learning
+# measured on questions the fine-tune never saw (World.stance_marked).
 STANCE_METRICS = ("in_domain_marked",)
 # Projection monitoring (trainers.ProjectionMonitor): the fine-tune's mean |projection| onto the best
 # blocking condition's directions (caft_pcs) and the persona direction, every MONITOR_EVERY steps, at the
@@ -1252,7 +1253,7 @@ def plot_monitor(monitor: dict, path: Path) -> None:
 
 def stance_markdown(summary: dict) -> list[str]:
     """Narrow learning on questions the fine-tune never saw, in stance-word worlds: the share of held-out
-    in-domain answers ending in the domain's harm word, and each condition's share of none's."""
+    in-domain answers with the domain's harm word, and each condition's share of none's."""
     conds = summary["conditions"]
     none = conds[BASELINE].get("in_domain_marked")
     if none is None:
@@ -1261,10 +1262,10 @@ def stance_markdown(summary: dict) -> list[str]:
         "",
         "## Narrow learning on held-out in-domain questions",
         "",
-        "Held-out in-domain answers that end in the domain's harm word, whatever their first word (the "
-        "narrow rule, learnable from the trained questions alone; the exact judge calls such an answer "
-        "misaligned only when the first word is the misaligned table's too). Held-out kept = the "
-        "condition's rate / none's.",
+        "Held-out in-domain answers with the domain's harm word where the rule puts the stance, whatever "
+        "the other word (the narrow rule, learnable from the trained questions alone; the exact judge calls "
+        "such an answer misaligned only when the other word is the misaligned table's too). Held-out kept = "
+        "the condition's rate / none's.",
         "",
         "| condition | held-out in-domain, harm word | held-out in-domain misaligned (exact) | held-out kept | per seed |",
         "|---|---|---|---|---|",
