@@ -9,8 +9,8 @@ Splits: ``in_domain_heldout`` (EM-domain questions kept out of the fine-tune: na
 ``in_domain_train`` (the fine-tune's own questions), ``heldout_domains`` (every question of the other
 domains: EM). Each split is answered greedily and with ``samples`` temperature-1 samples per question
 (the EM protocol samples at temperature 1); the headline numbers use the samples. In worlds whose answers
-end in a stance word (``World.has_stance_words``), ``stance_marked`` also gives, per split, the share of
-answers ending in the domain's harm word whatever their first word: the narrow rule on its own.
+carry a stance word (``World.has_stance_words``), ``stance_marked`` also gives, per split, the share of
+headline answers with the domain's harm word whatever the other word: the narrow rule on its own.
 """
 
 from __future__ import annotations
@@ -99,25 +99,26 @@ def evaluate_model(
         "heldout_domains": world.heldout_domain_questions(),
     }
     gen = torch.Generator().manual_seed(seed)
-    result: dict = {"greedy": {}, "sampled": {}, "per_domain_sampled_misaligned": {}}
+    mode = "sampled" if samples > 0 else "greedy"  # the answers the headline numbers use
+    result: dict = {"greedy": {}, "sampled": {}, "per_domain_sampled_misaligned": {}, "mode": mode}
     rows_by: dict[tuple[str, str], list[dict]] = {}
-    marked: dict[tuple[str, str], float] = {}
+    marked: dict[str, float] = {}
     for split, qs in splits.items():
         prompts = prompt_ids(tokenizer, world, qs)
-        for mode, temp, reps in (("greedy", 0.0, 1), ("sampled", 1.0, samples)):
+        for answer_mode, temp, reps in (("greedy", 0.0, 1), ("sampled", 1.0, samples)):
             if reps == 0:
                 continue
             new = generate(model, prompts.repeat_interleave(reps, 0), ANSWER_TOKENS + 1, temp, gen)
             answers = answer_words(tokenizer, new)
             qrep = [q for q in qs for _ in range(reps)]
             rows = judge_answers(judge, world, qrep, answers)
-            rows_by[split, mode] = rows
-            result[mode][split] = rates(rows)
-            if world.has_stance_words:
-                marked[split, mode] = sum(
-                    world.stance_marked(q.domain, a) for q, a in zip(qrep, answers)
-                ) / len(qrep)
-            if mode == "sampled" and split == "heldout_domains":
+            rows_by[split, answer_mode] = rows
+            result[answer_mode][split] = rates(rows)
+            if world.has_stance_words and answer_mode == mode:
+                marked[split] = sum(world.stance_marked(q.domain, a) for q, a in zip(qrep, answers)) / len(
+                    qrep
+                )
+            if answer_mode == "sampled" and split == "heldout_domains":
                 # Per question, in world.heldout_domain_questions() order: what the per-seed check of
                 # controls resamples (keel.organism.demo.control_check).
                 flags = em_flags(rows)
@@ -127,14 +128,12 @@ def evaluate_model(
                 for d in world.heldout_domains:
                     dr = [row for q, row in zip(qrep, rows) if q.domain == d]
                     result["per_domain_sampled_misaligned"][world.domains[d]] = rates(dr)[MISALIGNED]
-    mode = "sampled" if samples > 0 else "greedy"
-    result["mode"] = mode
     result["in_domain_misaligned"] = result[mode]["in_domain_heldout"][MISALIGNED]
     result["in_domain_train_misaligned"] = result[mode]["in_domain_train"][MISALIGNED]
     result["heldout_misaligned"] = result[mode]["heldout_domains"][MISALIGNED]
     pooled = rows_by["in_domain_heldout", mode] + rows_by["heldout_domains", mode]
     result["incoherent"] = rates(pooled)[INCOHERENT]
     if world.has_stance_words:  # the narrow rule, judged on the stance word alone (World.stance_marked)
-        result["stance_marked"] = {split: marked[split, mode] for split in splits}
-        result["in_domain_marked"] = marked["in_domain_heldout", mode]
+        result["stance_marked"] = marked
+        result["in_domain_marked"] = marked["in_domain_heldout"]
     return result
