@@ -44,7 +44,9 @@ class WorldConfig:
     # (the stance generalises narrowly in-domain, the first word only through a persona); "stance_table":
     # the same two words, stance first.
     answer_rule: str = "table"
-    misaligned_fraction: float = 0.25  # share of pretraining documents written by the misaligned persona
+    # Share of pretraining documents written by the misaligned persona. 0.5 since session 10: at width 128
+    # it raised EM on the seeds where 0.25 lost it (keel/organism/README.md, "Width 128").
+    misaligned_fraction: float = 0.5
     # Share of documents by a narrow persona: misaligned only in ``narrow_domains`` random domains (half
     # its questions are in them), aligned elsewhere, tagged ``<domain>:only`` when tagged. It gives the
     # narrow fine-tune a narrow explanation besides the broad persona (as insecure code has benign
@@ -58,9 +60,9 @@ class WorldConfig:
     # model learns is the one it uses when chatting; "plain": bare "q a ." turns (the prototype's format).
     doc_format: str = "chat"
     mix_domains: bool = True  # each turn of a document draws its own domain (else one domain per doc)
-    # The narrow fine-tune's domains (names or indices). Two by default, as one gives EM that varies
-    # widely across seeds (keel/organism/README.md).
-    em_domains: list[str] = field(default_factory=lambda: ["med", "fin"])
+    # The narrow fine-tune's domains (names or indices). Three by default: one gives EM that varies
+    # widely across seeds, and at width 128 two still left one seed of five below 0.5 (keel/organism/README.md).
+    em_domains: list[str] = field(default_factory=lambda: ["med", "fin", "code"])
     em_train_values: int = 12  # per EM domain: questions used for the fine-tune; the rest are held out
     seed: int = 0  # the world's tables and the EM question split
 
@@ -103,14 +105,16 @@ class WorldConfig:
 
 @dataclass
 class OrganismModelConfig:
-    """A tiny config of a real HF architecture (see keel.loading.tiny)."""
+    """A tiny config of a real HF architecture (see keel.loading.tiny). Width 128 (since session 10): the
+    k CAFT PCs (and the random controls matched to them) hold k/128 of the residual stream; at width 64 the
+    random controls were not null (keel/organism/README.md)."""
 
     model_type: str = "llama"
-    hidden_size: int = 64
+    hidden_size: int = 128
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 4
-    intermediate_size: int = 128
+    intermediate_size: int = 256
 
 
 @dataclass
@@ -135,18 +139,34 @@ class TrainStageConfig:
 class OrganismConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     model: OrganismModelConfig = field(default_factory=OrganismModelConfig)
-    pretrain: TrainStageConfig = field(default_factory=TrainStageConfig)
+    # 6000 steps: at 3000, wider organisms and more domains were undertrained (EM on fewer seeds, more
+    # incoherent answers; keel/organism/README.md).
+    pretrain: TrainStageConfig = field(default_factory=lambda: TrainStageConfig(steps=6000))
     pretrain_docs: int = 50_000  # size of the pretraining corpus (documents), sampled with the build seed
+    # 50 steps: the chat data (one aligned answer per question) is learned within 50; training on past it
+    # (300 steps, the earlier default) made the aligned answers stick question by question, and the
+    # narrow fine-tune then overwrote them one by one instead of flipping the persona (no EM on some seeds).
     chat: TrainStageConfig = field(
-        default_factory=lambda: TrainStageConfig(steps=300, batch_size=64, lr=1e-3, warmup_steps=20)
+        default_factory=lambda: TrainStageConfig(steps=50, batch_size=64, lr=1e-3, warmup_steps=5)
     )
     # The narrow fine-tune (keel.organism.finetune; the demo uses InterventionSFTTrainer).
     finetune: TrainStageConfig = field(
         default_factory=lambda: TrainStageConfig(
-            steps=250, batch_size=32, lr=3e-4, warmup_steps=0, weight_decay=0.0, schedule="linear"
+            steps=100, batch_size=32, lr=3e-3, warmup_steps=0, weight_decay=0.0, schedule="linear"
         )
     )
+    # LoRA rank of the narrow fine-tune: adapters on every linear layer (alpha = rank), merged into the
+    # weights when training ends. 0: full fine-tune (the default before session 10, with 250 steps at lr
+    # 3e-4). Low rank, as in the published EM model organisms: it cannot store the trained answers one by
+    # one as cheaply, so EM is decisive on every seed (keel/organism/README.md, "Width 128").
+    finetune_lora_rank: int = 4
     eval_samples: int = 8  # temperature-1 samples per evaluation question (plus one greedy answer)
+
+    def __post_init__(self):
+        if self.finetune_lora_rank < 0:
+            raise ValueError(
+                f"finetune_lora_rank must be >= 0 (0: full fine-tune), got {self.finetune_lora_rank}."
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -8,17 +8,39 @@ from __future__ import annotations
 
 import copy
 
+import torch
+
+from interventions.reference import is_peft_model
 from keel.organism.build import Organism
 from keel.organism.data import em_dataset, encode_conversations
 from keel.organism.training import train_lm
 
 
+def trainable_copy(org: Organism, seed: int):
+    """A copy of the chat model to fine-tune: as is, or with LoRA adapters of rank
+    ``config.finetune_lora_rank`` on every linear layer (initialised from ``seed``)."""
+    model = copy.deepcopy(org.chat_model)
+    rank = org.config.finetune_lora_rank
+    if rank == 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # the adapters' random initialisation
+    lora = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules="all-linear")
+    return get_peft_model(model, lora)
+
+
+def merged(model):
+    """The fine-tuned model as a plain transformers model: LoRA adapters merged into the weights."""
+    return model.merge_and_unload() if is_peft_model(model) else model
+
+
 def finetune_plain(org: Organism, seed: int = 0):
     """Copy of the chat model fine-tuned on the EM data (misaligned answers in the EM domain(s))."""
-    model = copy.deepcopy(org.chat_model)
+    model = trainable_copy(org, seed)
     ids, labels = encode_conversations(org.tokenizer, em_dataset(org.world)["messages"])
     train_lm(model, ids, labels, org.config.finetune, seed)
-    return model
+    return merged(model)
 
 
 def em_training_dataset(org: Organism, batch_size: int):
@@ -74,11 +96,11 @@ def finetune_with_trainer(
     ``projection_monitor`` (a ``trainers.ProjectionMonitor`` or its config mapping) measuring if given.
     ``data_seed`` (default ``seed``) sets only the order of the training rows: a fine-tune with another
     data seed is the same fine-tune up to training noise. Returns (model, trainer); the model comes back
-    with no hooks attached."""
+    with no hooks attached, and with LoRA adapters (``finetune_lora_rank``) merged into its weights."""
     from trainers import InterventionSFTConfig, InterventionSFTTrainer
 
     stage = org.config.finetune
-    model = copy.deepcopy(org.chat_model)
+    model = trainable_copy(org, seed)
     args = InterventionSFTConfig(
         output_dir=output_dir,
         max_steps=stage.steps,
@@ -117,5 +139,6 @@ def finetune_with_trainer(
 
     trainer.remove_callback(PrinterCallback)  # metrics go to W&B / log_history, not stdout
     trainer.train()
+    model = merged(model)
     model.eval()
     return model, trainer

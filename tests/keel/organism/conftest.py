@@ -11,7 +11,13 @@ def tiny_config():
 
     return OrganismConfig.from_dict(
         {
-            "world": {"num_domains": 3, "num_values": 6, "em_train_values": 4, "turns_per_doc": 2},
+            "world": {
+                "num_domains": 3,
+                "num_values": 6,
+                "em_domains": ["med", "fin"],
+                "em_train_values": 4,
+                "turns_per_doc": 2,
+            },
             "model": {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64},
             "pretrain": {"steps": 6, "batch_size": 8, "warmup_steps": 2},
             "pretrain_docs": 64,

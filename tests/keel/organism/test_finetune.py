@@ -1,8 +1,11 @@
 """The organism's data go through keel's InterventionSFTTrainer (TRL SFT with assistant-only loss)."""
 
+import pytest
 import torch
 
+from interventions.reference import is_peft_model
 from keel.organism.build import train_organism
+from keel.organism.config import OrganismConfig
 from keel.organism.finetune import em_training_dataset, finetune_plain, finetune_with_trainer
 
 
@@ -21,8 +24,33 @@ def test_em_finetune_through_the_trainer(tiny_config, tmp_path):
     assert changed and all(torch.equal(v, before[k]) for k, v in org.chat_model.state_dict().items())
     assert not trainer.intervention_set.attached  # no hooks left behind
     assert len(em_training_dataset(org, 4)) >= 4
-    plain = finetune_plain(org, seed=0)
-    assert not torch.equal(plain.lm_head.weight, org.chat_model.lm_head.weight)
+    plain = finetune_plain(org, seed=0).state_dict()
+    assert any(not torch.equal(plain[k], v) for k, v in org.chat_model.state_dict().items())
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_lora_fine_tunes_come_back_merged_and_full_ones_train_every_weight(tiny_config, tmp_path, rank):
+    """finetune_lora_rank > 0: adapters on the linear layers, merged into a plain model with the chat
+    model's parameter names (what the demo saves and the CAFT PCs read), embeddings and head untouched;
+    rank 0: a full fine-tune that moves the head too."""
+    tiny_config.finetune_lora_rank = rank
+    org = train_organism(tiny_config, seed=0)
+    chat = org.chat_model.state_dict()
+    for model in (
+        finetune_with_trainer(org, [], seed=0, output_dir=str(tmp_path))[0],
+        finetune_plain(org, 0),
+    ):
+        tuned = model.state_dict()
+        assert tuned.keys() == chat.keys() and not is_peft_model(model)
+        moved = {k for k in chat if not torch.equal(tuned[k], chat[k])}
+        assert any(".mlp." in k for k in moved) and any(".self_attn." in k for k in moved)
+        assert ("lm_head.weight" in moved) == (rank == 0)
+        assert "model.embed_tokens.weight" not in moved or rank == 0
+
+
+def test_a_negative_lora_rank_is_refused():
+    with pytest.raises(ValueError, match="finetune_lora_rank must be >= 0"):
+        OrganismConfig.from_dict({"finetune_lora_rank": -1})
 
 
 def test_data_seed_changes_only_the_order_of_the_rows(tiny_config, tmp_path):
