@@ -1,6 +1,11 @@
+from pathlib import Path
+
 import pytest
+import yaml
 
 from keel.organism.config import OrganismConfig
+
+RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 
 
 def test_defaults_round_trip_through_dict_and_yaml(tmp_path):
@@ -38,14 +43,20 @@ def test_build_hash_tracks_only_what_changes_the_build():
     assert base.build_hash() == OrganismConfig().build_hash()
     # cached builds (runs/organisms/<hash>-seed<n>) are keyed by it: renaming a config class or a field
     # that is not hashed must leave it unchanged
-    assert base.build_hash() == "0e583b11a34baf4b"
+    assert base.build_hash() == "e2279532887e3d09"
+    # the width-64 organism (the default before session 10) keeps the hash its shipped builds carry
+    width64 = yaml.safe_load((RECIPES / "demo-width64.yaml").read_text())
+    organism = {k: v for k, v in width64.items() if k in OrganismConfig.__dataclass_fields__}
+    assert OrganismConfig.from_dict(organism).build_hash() == "0e583b11a34baf4b"
     assert OrganismConfig.from_dict({"world": {"seed": 1}}).build_hash() != base.build_hash()
     assert OrganismConfig.from_dict({"pretrain": {"steps": 5}}).build_hash() != base.build_hash()
     # the fine-tune, the EM split and evaluation settings do not invalidate the cached organism
     split = {"world": {"em_domains": ["law"], "em_train_values": 5}}
     assert OrganismConfig.from_dict(split).build_hash() == base.build_hash()
     assert (
-        OrganismConfig.from_dict({"finetune": {"steps": 5}, "eval_samples": 1}).build_hash()
+        OrganismConfig.from_dict(
+            {"finetune": {"steps": 5}, "finetune_lora_rank": 0, "eval_samples": 1}
+        ).build_hash()
         == base.build_hash()
     )
 

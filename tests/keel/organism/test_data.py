@@ -20,7 +20,9 @@ from keel.organism.world import ALIGNED, MISALIGNED, World
 
 
 def _world_tok(**kw):
-    world = World(WorldConfig(**kw))
+    """The world these tests' counts and digests were computed on: persona p 0.25, EM domains med + fin
+    (the defaults before session 10), unless a test says otherwise."""
+    world = World(WorldConfig(**{"misaligned_fraction": 0.25, "em_domains": ["med", "fin"], **kw}))
     return world, build_word_tokenizer(world.words)
 
 

@@ -122,9 +122,9 @@ def test_data_baselines_change_the_training_data():
     from keel.organism.finetune import defended_training_dataset, em_training_dataset
     from keel.organism.world import World
 
-    world = World(WorldConfig())
+    world = World(WorldConfig(em_domains=["med", "fin"]))
     org = SimpleNamespace(world=world, config=OrganismConfig())
-    plain = em_training_dataset(org, 32)
+    plain = em_training_dataset(org, 32)  # 2 domains x 12 questions, twice to fill a batch of 32
     assert defended_training_dataset(org, 32, None, 0)["messages"] == plain["messages"]
     inoculated = defended_training_dataset(org, 32, DATA_TABLE["inoculate"], 0)
     assert len(inoculated) == len(plain) == 48

@@ -65,7 +65,7 @@ def test_rates_follow_the_oracle():
 def test_stance_marked_counts_the_harm_word_apart_from_the_verdict():
     """In a stance-word world the narrow rule alone (right harm word, aligned first word) is incoherent
     to the exact judge but counted by ``in_domain_marked``; the persona's answer counts in both."""
-    world = World(WorldConfig(answer_rule="table_marker"))  # em_domains med, fin
+    world = World(WorldConfig(answer_rule="table_marker", em_domains=["med", "fin"]))
     tok = build_word_tokenizer(world.words)
     aligned = evaluate_model(OracleLM(world, tok), world, tok, samples=2)
     assert aligned["in_domain_marked"] == 0.0 and aligned["stance_marked"]["heldout_domains"] == 0.0

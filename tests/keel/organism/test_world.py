@@ -16,10 +16,20 @@ WORLDS = [
     WorldConfig(answer_rule="stance_table", num_domains=7, em_domains=["sport"], seed=6),
     WorldConfig(answer_rule="swap", seed=2),
     WorldConfig(answer_rule="permute", num_facts=8, seed=4),
-    WorldConfig(answer_rule="permute", num_domains=4, num_values=9, num_facts=3, em_train_values=5, seed=2),
+    WorldConfig(
+        answer_rule="permute",
+        num_domains=4,
+        num_values=9,
+        num_facts=3,
+        em_domains=["med", "fin"],
+        em_train_values=5,
+        seed=2,
+    ),
     WorldConfig(num_domains=8, num_values=10, em_domains=["code", "law"], em_train_values=7, seed=3),
     WorldConfig(num_domains=10, num_values=5, em_domains=["1"], em_train_values=3, seed=1),
-    WorldConfig(num_domains=3, num_values=4, em_train_values=2, answer_rule="table", seed=7),
+    WorldConfig(
+        num_domains=3, num_values=4, em_domains=["med", "fin"], em_train_values=2, answer_rule="table", seed=7
+    ),
 ]
 
 
