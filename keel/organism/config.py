@@ -61,7 +61,8 @@ class WorldConfig:
     doc_format: str = "chat"
     mix_domains: bool = True  # each turn of a document draws its own domain (else one domain per doc)
     # The narrow fine-tune's domains (names or indices). Three by default: one gives EM that varies
-    # widely across seeds, and at width 128 two still left one seed of five below 0.5 (keel/organism/README.md).
+    # widely across seeds, and at width 128 two left two seeds of five below 0.5 under a full fine-tune
+    # (keel/organism/README.md, "Width 128").
     em_domains: list[str] = field(default_factory=lambda: ["med", "fin", "code"])
     em_train_values: int = 12  # per EM domain: questions used for the fine-tune; the rest are held out
     seed: int = 0  # the world's tables and the EM question split

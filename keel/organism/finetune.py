@@ -25,9 +25,10 @@ def trainable_copy(org: Organism, seed: int):
         return model
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(seed)  # the adapters' random initialisation
     lora = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules="all-linear")
-    return get_peft_model(model, lora)
+    with torch.random.fork_rng(devices=[]):  # seed the adapters' initialisation, leave the global RNG be
+        torch.manual_seed(seed)
+        return get_peft_model(model, lora)
 
 
 def merged(model):
