@@ -1,8 +1,8 @@
 from pathlib import Path
 
 import pytest
-import yaml
 
+from keel.commands.demo import load_config
 from keel.organism.config import OrganismConfig
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes"
@@ -45,9 +45,8 @@ def test_build_hash_tracks_only_what_changes_the_build():
     # that is not hashed must leave it unchanged
     assert base.build_hash() == "e2279532887e3d09"
     # the width-64 organism (the default before session 10) keeps the hash its shipped builds carry
-    width64 = yaml.safe_load((RECIPES / "demo-width64.yaml").read_text())
-    organism = {k: v for k, v in width64.items() if k in OrganismConfig.__dataclass_fields__}
-    assert OrganismConfig.from_dict(organism).build_hash() == "0e583b11a34baf4b"
+    width64 = load_config(str(RECIPES / "demo-width64.yaml")).organism
+    assert width64.build_hash() == "0e583b11a34baf4b"
     assert OrganismConfig.from_dict({"world": {"seed": 1}}).build_hash() != base.build_hash()
     assert OrganismConfig.from_dict({"pretrain": {"steps": 5}}).build_hash() != base.build_hash()
     # the fine-tune, the EM split and evaluation settings do not invalidate the cached organism
