@@ -22,6 +22,7 @@ from keel.organism.demo import (
     CONDITIONS,
     DEFENCES,
     DIAGNOSTICS,
+    NOISE_SOURCES,
     DemoConfig,
     DemoRunError,
     run_demo,
@@ -90,6 +91,14 @@ class DemoArguments:
             "control check tells a control's effect from training noise (0: off; else >= 2)."
         },
     )
+    noise_source: str = field(
+        default=DemoConfig.noise_source,
+        metadata={
+            "help": "What the training-noise runs change: order (the training rows' order) or seed (row "
+            "order and the LoRA adapters' initialisation).",
+            "choices": NOISE_SOURCES,
+        },
+    )
     executor: str | None = field(
         default=None,
         metadata={
@@ -110,6 +119,7 @@ OVERRIDES = (
     "rebuild",
     "reemergence",
     "noise_runs",
+    "noise_source",
 )
 
 

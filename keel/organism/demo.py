@@ -261,6 +261,11 @@ class DemoConfig:
     # EM also lies outside none's prediction interval over these runs: on one build, the row order alone
     # moved none's EM by up to 0.19 (keel/organism/README.md). 0: the paired question interval only.
     noise_runs: int = 0
+    # What a training-noise run changes: "seed" (the fine-tune's own seed: row order and, under LoRA, the
+    # adapters' initialisation, as a rerun with another seed would) or "order" (the row order only; under
+    # a full fine-tune the two differ only in their folder names). Under LoRA the adapters' start is part
+    # of a fine-tune's noise, and on the shipped organism the larger part (keel/organism/README.md).
+    noise_source: str = "seed"
     # Re-emergence: every condition again after a fine-tune ``long_factor`` times as long (the schedule
     # stretched), in <output_dir>/long. "auto": on for runs of five seeds or more; "on"; "off".
     reemergence: str = "auto"
@@ -293,6 +298,8 @@ class DemoConfig:
             raise ValueError(
                 f"noise_runs must be 0 or >= 2 (a prediction interval needs three none runs), got {self.noise_runs}."
             )
+        if self.noise_source not in NOISE_SOURCES:
+            raise ValueError(f"noise_source must be one of {NOISE_SOURCES}, got {self.noise_source!r}.")
         if self.random_draw < 0:
             raise ValueError(f"random_draw must be >= 0 (0: the default draw), got {self.random_draw}.")
         if self.long_factor < 2:
@@ -637,6 +644,7 @@ def finetune_run(run, run_dir: Path) -> dict:
         regularisers=regularisers,
         data_baselines=c.get("data_baselines"),
         data_seed=c.get("data_seed"),
+        init_seed=c.get("init_seed"),
     )
     if c.get("save_model"):  # fp32 safetensors: the finetune_pcs stage reads it, from any executor
         model.save_pretrained(run_dir / "model", safe_serialization=True)
@@ -861,7 +869,9 @@ def _run_stages(cfg: DemoConfig, out_dir: Path, executor: str, submitit_options,
     stage(runs_root, [condition_run(c, s) for s in seeds for c in stage_a], "finetune_run", executor)
     if cfg.noise_runs:  # none again with other row orders: the training noise the control check uses
         reorders = [
-            noise_run(s, k, condition_run(BASELINE, s)) for s in seeds for k in range(1, cfg.noise_runs + 1)
+            noise_run(s, k, condition_run(BASELINE, s), cfg.noise_source)
+            for s in seeds
+            for k in range(1, cfg.noise_runs + 1)
         ]
         stage(out_dir / NOISE, reorders, "finetune_run", executor)
 
@@ -928,17 +938,24 @@ def _run_stages(cfg: DemoConfig, out_dir: Path, executor: str, submitit_options,
     return summary
 
 
-NOISE = "noise"  # <output_dir>/noise/none_order<k>/seed<N>: the training-noise runs
+NOISE = "noise"  # <output_dir>/noise/none_<source><k>/seed<N>: the training-noise runs
+NOISE_SOURCES = ("order", "seed")
 
 
-def noise_run(seed: int, k: int, none):
-    """The none run ``none`` (a RunSpec) of ``seed`` with the k-th other order of its training rows
-    (data seed seed + 1000 k), nothing saved."""
+def noise_run(seed: int, k: int, none, source: str = "order"):
+    """The none run ``none`` (a RunSpec) of ``seed`` again with the k-th other order of its training rows
+    (data seed seed + 1000 k) and, for ``source`` "seed", the adapters initialised from that seed too;
+    nothing saved."""
+    other = {"data_seed": seed + 1000 * k} | ({"init_seed": seed + 1000 * k} if source == "seed" else {})
     return dataclasses.replace(
         none,
-        condition=f"{BASELINE}_order{k}",
-        config=none.config | {"save_model": False, "data_seed": seed + 1000 * k},
+        condition=noise_condition(source, k),
+        config=none.config | {"save_model": False} | other,
     )
+
+
+def noise_condition(source: str, k: int) -> str:
+    return f"{BASELINE}_{source}{k}"
 
 
 def long_config(cfg: DemoConfig, out_dir: Path) -> DemoConfig:
@@ -1005,7 +1022,7 @@ def collect_results(cfg: DemoConfig, out_dir: Path) -> list[dict]:
                 "selection": json.loads((stage_dir / "selection.json").read_text()),
                 "conditions": conditions,
                 "noise": [
-                    _read_metrics(out_dir / NOISE, f"{BASELINE}_order{k}", seed)
+                    _read_metrics(out_dir / NOISE, noise_condition(cfg.noise_source, k), seed)
                     for k in range(1, cfg.noise_runs + 1)
                 ],
                 "timings": timings,
@@ -1064,7 +1081,7 @@ def control_check(results: list[dict], controls: list[str]) -> dict:
     """Does a random control move EM on any single seed? Per control and seed: the difference of its
     held-out-domain EM from none's, with a 95 % bootstrap interval over the held-out questions (paired:
     both runs answered the same questions). With the training-noise runs (``noise_runs``), also none's
-    95 % prediction interval for one more run over them (t, from none and its reorders): a control
+    95 % prediction interval for one more run over them (t, from none and its reruns): a control
     ``moved`` when the paired interval excludes 0 and, where there is a noise band, its EM lies outside
     it. The comparison over seeds (keel compare) cannot see a control that moves one seed of five."""
     from keel.evaluation.metrics import bootstrap_ci
@@ -1093,7 +1110,7 @@ def control_check(results: list[dict], controls: list[str]) -> dict:
 
 def noise_band(none_runs: list[dict | None]) -> list[float] | None:
     """none's 95 % prediction interval for one more fine-tune (mean +- t sd sqrt(1 + 1/n)) over the
-    none run and its reorders, clipped to [0, 1]; None with fewer than three finished runs."""
+    none run and its reruns, clipped to [0, 1]; None with fewer than three finished runs."""
     import statistics
 
     from keel.evaluation.compare import t_quantile_975
@@ -1112,13 +1129,17 @@ def controls_markdown(summary: dict) -> list[str]:
     if not checks:
         return []
     seeds = [row["seed"] for row in next(iter(checks.values()))["seeds"]]
+    reruns = {
+        "order": "its reruns with other row orders",
+        "seed": "its reruns with other fine-tune seeds (row order and adapter initialisation)",
+    }[summary.get("config", {}).get("noise_source", "order")]
     lines = [
         "",
         "## Random controls, seed by seed",
         "",
         "A control's EM minus none's on each seed, with a 95 % bootstrap interval over the held-out "
-        "questions (paired); with training-noise runs, none's 95 % prediction interval over its reorders "
-        "(`noise_runs`) in braces. **moved** = the paired interval excludes 0 and the control's EM lies "
+        f"questions (paired); with training-noise runs, none's 95 % prediction interval over {reruns} "
+        "(`noise_runs`, `noise_source`) in braces. **moved** = the paired interval excludes 0 and the control's EM lies "
         "outside that band: the control changed EM on that seed by more than sampling and training noise.",
         "",
         "| control | " + " | ".join(f"seed {s}" for s in seeds) + " | moved on |",

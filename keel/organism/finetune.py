@@ -89,6 +89,7 @@ def finetune_with_trainer(
     regularisers=None,
     data_baselines: dict | None = None,
     data_seed: int | None = None,
+    init_seed: int | None = None,
 ):
     """Fine-tune a copy of the chat model through keel's InterventionSFTTrainer (TRL SFT, assistant-only
     loss from the chat template's generation markers) with ``interventions`` on during training,
@@ -96,12 +97,13 @@ def finetune_with_trainer(
     loss, ``data_baselines`` applied to the data (:func:`defended_training_dataset`), and
     ``projection_monitor`` (a ``trainers.ProjectionMonitor`` or its config mapping) measuring if given.
     ``data_seed`` (default ``seed``) sets only the order of the training rows: a fine-tune with another
-    data seed is the same fine-tune up to training noise. Returns (model, trainer); the model comes back
+    data seed is the same fine-tune up to training noise; ``init_seed`` (default ``seed``) likewise sets only
+    the LoRA adapters' initialisation. Returns (model, trainer); the model comes back
     with no hooks attached, and with LoRA adapters (``finetune_lora_rank``) merged into its weights."""
     from trainers import InterventionSFTConfig, InterventionSFTTrainer
 
     stage = org.config.finetune
-    model = trainable_copy(org, seed)
+    model = trainable_copy(org, seed if init_seed is None else init_seed)
     args = InterventionSFTConfig(
         output_dir=output_dir,
         max_steps=stage.steps,

@@ -391,21 +391,42 @@ def test_reemergence_is_on_for_five_seeds_and_stretches_the_fine_tune(tmp_path):
 
 
 def test_tiny_demo_runs_training_noise_runs_and_bands_the_controls(tiny_demo_config, tmp_path):
-    """noise_runs: none again per seed with other row orders under noise/, read into the control check."""
+    """noise_runs with noise_source "order": none again per seed with other row orders (the same adapters'
+    start) under noise/, read into the control check."""
     cfg = tiny_demo_config(
         conditions=["none", "caft_resample", "random_resample"],
         noise_runs=2,
+        noise_source="order",
     )
     summary = run_demo(cfg)
     out = tmp_path / "demo"
     for k in (1, 2):
         config = json.loads((out / "noise" / f"none_order{k}" / "seed0" / "config.json").read_text())
-        assert config["data_seed"] == 1000 * k and not config["save_model"]
+        assert config["data_seed"] == 1000 * k and not config["save_model"] and "init_seed" not in config
     seeds = json.loads((out / "seeds.json").read_text())
     assert len(seeds[0]["noise"]) == 2 and all(run is not None for run in seeds[0]["noise"])
     (row,) = summary["controls_per_seed"]["random_resample"]["seeds"]
     assert row["noise_band"] is not None and 0.0 <= row["noise_band"][0] <= row["noise_band"][1] <= 1.0
     assert "{" in (out / "report.md").read_text().split("## Random controls, seed by seed")[1]
+
+
+def test_noise_runs_change_the_fine_tunes_seed_by_default(tiny_demo_config, tmp_path):
+    """noise_source "seed" (the default): the training-noise runs change the adapters' initialisation as
+    well as the row order, in their own folders (none_seed<k>), and the report says what they changed."""
+    cfg = tiny_demo_config(conditions=["none", "random_resample"], noise_runs=2)
+    assert cfg.noise_source == "seed"
+    summary = run_demo(cfg)
+    out = tmp_path / "demo"
+    for k in (1, 2):
+        config = json.loads((out / "noise" / f"none_seed{k}" / "seed0" / "config.json").read_text())
+        assert config["data_seed"] == config["init_seed"] == 1000 * k
+    assert not (out / "noise" / "none_order1").exists()
+    seeds = json.loads((out / "seeds.json").read_text())
+    assert all(run is not None for run in seeds[0]["noise"])
+    assert summary["controls_per_seed"]["random_resample"]["seeds"][0]["noise_band"] is not None
+    assert "other fine-tune seeds (row order and adapter initialisation)" in (out / "report.md").read_text()
+    with pytest.raises(ValueError, match="noise_source must be one of"):
+        DemoConfig(noise_source="init")
 
 
 def test_tiny_demo_measures_reemergence_in_long(tiny_demo_config, tiny_config, tmp_path):

@@ -1,5 +1,7 @@
 """The organism's data go through keel's InterventionSFTTrainer (TRL SFT with assistant-only loss)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -65,3 +67,21 @@ def test_data_seed_changes_only_the_order_of_the_rows(tiny_config, tmp_path):
     default, same, other = weights(), weights(data_seed=0), weights(data_seed=1000)
     assert all(torch.equal(default[k], same[k]) for k in default)
     assert any(not torch.equal(default[k], other[k]) for k in default)
+
+
+def test_init_seed_changes_only_the_adapters_initialisation(tiny_config, tmp_path):
+    """init_seed defaults to the seed (bit for bit the same fine-tune); under LoRA another init seed starts
+    from other adapters, so the merged weights differ; under a full fine-tune there is nothing to initialise."""
+    assert tiny_config.finetune_lora_rank > 0
+    org = train_organism(tiny_config, seed=0)
+
+    def weights(org, **kw):
+        model, _ = finetune_with_trainer(org, [], seed=0, output_dir=str(tmp_path), **kw)
+        return model.state_dict()
+
+    default, same, other = weights(org), weights(org, init_seed=0), weights(org, init_seed=1000)
+    assert all(torch.equal(default[k], same[k]) for k in default)
+    assert any(not torch.equal(default[k], other[k]) for k in default)
+    full = dataclasses.replace(org, config=dataclasses.replace(org.config, finetune_lora_rank=0))
+    a, b = weights(full), weights(full, init_seed=1000)
+    assert all(torch.equal(a[k], b[k]) for k in a)
