@@ -867,7 +867,7 @@ def _run_stages(cfg: DemoConfig, out_dir: Path, executor: str, submitit_options,
     # 2. sweep A: the conditions whose directions exist now
     stage_a = [c for c in cfg.conditions if c not in AFTER_NONE]
     stage(runs_root, [condition_run(c, s) for s in seeds for c in stage_a], "finetune_run", executor)
-    if cfg.noise_runs:  # none again with other row orders: the training noise the control check uses
+    if cfg.noise_runs:  # none again with other seeds or row orders: the training noise the control check uses
         reorders = [
             noise_run(s, k, condition_run(BASELINE, s), cfg.noise_source)
             for s in seeds
@@ -942,7 +942,7 @@ NOISE = "noise"  # <output_dir>/noise/none_<source><k>/seed<N>: the training-noi
 NOISE_SOURCES = ("order", "seed")
 
 
-def noise_run(seed: int, k: int, none, source: str = "order"):
+def noise_run(seed: int, k: int, none, source: str):
     """The none run ``none`` (a RunSpec) of ``seed`` again with the k-th other order of its training rows
     (data seed seed + 1000 k) and, for ``source`` "seed", the adapters initialised from that seed too;
     nothing saved."""
