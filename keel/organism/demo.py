@@ -256,10 +256,10 @@ class DemoConfig:
     # A seed reproduces EM when its none fine-tune's held-out-domain EM reaches this. The report flags the
     # other seeds and gives the conditions on them apart: an intervention cannot cut EM that never appeared.
     em_threshold: float = 0.5
-    # Training noise: the none fine-tune again this many times per seed with other orders of the training
-    # rows (<output_dir>/noise). The per-seed control check then counts a control as moved only when its
-    # EM also lies outside none's prediction interval over these runs: on one build, the row order alone
-    # moved none's EM by up to 0.19 (keel/organism/README.md). 0: the paired question interval only.
+    # Training noise: the none fine-tune again this many times per seed, changed as ``noise_source`` says
+    # (<output_dir>/noise). The per-seed control check then counts a control as moved only when its EM
+    # also lies outside none's prediction interval over these runs: on one width-64 build, the row order
+    # alone moved none's EM by up to 0.19 (keel/organism/README.md). 0: the paired question interval only.
     noise_runs: int = 0
     # What a training-noise run changes: "seed" (the fine-tune's own seed: row order and, under LoRA, the
     # adapters' initialisation, as a rerun with another seed would) or "order" (the row order only; under
