@@ -868,12 +868,12 @@ def _run_stages(cfg: DemoConfig, out_dir: Path, executor: str, submitit_options,
     stage_a = [c for c in cfg.conditions if c not in AFTER_NONE]
     stage(runs_root, [condition_run(c, s) for s in seeds for c in stage_a], "finetune_run", executor)
     if cfg.noise_runs:  # none again with other seeds or row orders: the training noise the control check uses
-        reorders = [
+        reruns = [
             noise_run(s, k, condition_run(BASELINE, s), cfg.noise_source)
             for s in seeds
             for k in range(1, cfg.noise_runs + 1)
         ]
-        stage(out_dir / NOISE, reorders, "finetune_run", executor)
+        stage(out_dir / NOISE, reruns, "finetune_run", executor)
 
     # 3. fine-tune-difference PCs from each seed's saved none model; 4. sweep B
     stage_b = [c for c in cfg.conditions if c in AFTER_NONE]
@@ -946,12 +946,10 @@ def noise_run(seed: int, k: int, none, source: str):
     """The none run ``none`` (a RunSpec) of ``seed`` again with the k-th other order of its training rows
     (data seed seed + 1000 k) and, for ``source`` "seed", the adapters initialised from that seed too;
     nothing saved."""
-    other = {"data_seed": seed + 1000 * k} | ({"init_seed": seed + 1000 * k} if source == "seed" else {})
-    return dataclasses.replace(
-        none,
-        condition=noise_condition(source, k),
-        config=none.config | {"save_model": False} | other,
-    )
+    changed = {"save_model": False, "data_seed": seed + 1000 * k}
+    if source == "seed":
+        changed["init_seed"] = seed + 1000 * k
+    return dataclasses.replace(none, condition=noise_condition(source, k), config=none.config | changed)
 
 
 def noise_condition(source: str, k: int) -> str:
@@ -1132,15 +1130,16 @@ def controls_markdown(summary: dict) -> list[str]:
     reruns = {
         "order": "its reruns with other row orders",
         "seed": "its reruns with other fine-tune seeds (row order and adapter initialisation)",
-    }[summary.get("config", {}).get("noise_source", "order")]
+    }[summary.get("config", {}).get("noise_source", DemoConfig.noise_source)]
     lines = [
         "",
         "## Random controls, seed by seed",
         "",
         "A control's EM minus none's on each seed, with a 95 % bootstrap interval over the held-out "
         f"questions (paired); with training-noise runs, none's 95 % prediction interval over {reruns} "
-        "(`noise_runs`, `noise_source`) in braces. **moved** = the paired interval excludes 0 and the control's EM lies "
-        "outside that band: the control changed EM on that seed by more than sampling and training noise.",
+        "(`noise_runs`, `noise_source`) in braces. **moved** = the paired interval excludes 0 and the "
+        "control's EM lies outside that band: the control changed EM on that seed by more than sampling and "
+        "training noise.",
         "",
         "| control | " + " | ".join(f"seed {s}" for s in seeds) + " | moved on |",
         "|---|" + "---|" * len(seeds) + "---|",

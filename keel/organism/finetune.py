@@ -97,9 +97,9 @@ def finetune_with_trainer(
     loss, ``data_baselines`` applied to the data (:func:`defended_training_dataset`), and
     ``projection_monitor`` (a ``trainers.ProjectionMonitor`` or its config mapping) measuring if given.
     ``data_seed`` (default ``seed``) sets only the order of the training rows: a fine-tune with another
-    data seed is the same fine-tune up to training noise; ``init_seed`` (default ``seed``) likewise sets only
-    the LoRA adapters' initialisation. Returns (model, trainer); the model comes back
-    with no hooks attached, and with LoRA adapters (``finetune_lora_rank``) merged into its weights."""
+    data seed is the same fine-tune up to training noise; ``init_seed`` (default ``seed``) likewise sets
+    only the LoRA adapters' initialisation. Returns (model, trainer); the model comes back with no hooks
+    attached, and with LoRA adapters (``finetune_lora_rank``) merged into its weights."""
     from trainers import InterventionSFTConfig, InterventionSFTTrainer
 
     stage = org.config.finetune
