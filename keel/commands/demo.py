@@ -150,14 +150,27 @@ def parse(argv: list[str] | None) -> tuple[DemoConfig, DemoArguments]:
 
 
 def summary_warnings(summary: dict) -> list[str]:
-    """What the console must not let pass: seeds where EM did not reproduce, and random controls that
-    moved EM on single seeds (saying whether none's training-noise band was part of the check)."""
+    """What the console must not let pass: seeds where EM did not reproduce (or only by the draw, or from
+    incoherent answers), and random controls that moved EM on single seeds (saying whether none's
+    training-noise band was part of the check)."""
     out = []
     failed = summary["em_reproduced"]["not_reproduced"]
     if failed:
         out.append(
             f"EM did not reproduce on seed(s) {failed} (none's EM below "
             f"{summary['em_reproduced']['threshold']:g}); report.md gives those seeds apart."
+        )
+    fragile = summary["em_reproduced"].get("fragile", {})
+    if fragile:
+        out.append(
+            f"EM reproduced only by the draw on seed(s) {[int(s) for s in fragile]} (a rerun of none fell "
+            f"below {summary['em_reproduced']['threshold']:g}); report.md lists the reruns."
+        )
+    incoherent = summary["em_reproduced"].get("incoherent", {})
+    if incoherent:
+        out.append(
+            f"none answered incoherently above {summary['em_reproduced']['incoherent_max']:g} on seed(s) "
+            f"{[int(s) for s in incoherent]}; report.md gives the rates."
         )
     checks = [("", summary["controls_per_seed"], "Random controls, seed by seed")]
     if "long" in summary:

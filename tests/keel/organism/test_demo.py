@@ -292,6 +292,36 @@ def test_seeds_where_em_did_not_reproduce_are_flagged_and_reported_apart():
     assert reproduction_markdown(quiet) == []
 
 
+def test_seeds_that_reproduced_em_only_by_the_draw_or_incoherently_are_flagged():
+    """A seed whose none run reached the threshold but one of whose reruns did not is flagged fragile
+    (with the reruns' EM); a none run above incoherent_max is flagged incoherent; both stay in the
+    reproduced group, and the console names them."""
+    from keel.organism.demo import aggregate, reproduction_markdown
+
+    cfg = DemoConfig(seeds=[0, 1, 2], conditions=["none"], em_threshold=0.5, incoherent_max=0.1)
+    results = [
+        {"seed": s, "chat": _metrics(0.0, 0.0), "conditions": {"none": _metrics(em)}, "noise": noise}
+        for s, em, noise in (
+            (0, 0.9, [_metrics(0.85), _metrics(0.8)]),
+            (1, 0.56, [_metrics(0.37), None, _metrics(0.6)]),  # a rerun that did not finish is skipped
+            (2, 0.7, [_metrics(0.65)]),
+        )
+    ]
+    results[2]["conditions"]["none"]["incoherent"] = 0.23
+    rep = aggregate(cfg, results)["em_reproduced"]
+    assert rep["reproduced"] == [0, 1, 2] and rep["not_reproduced"] == []
+    assert rep["fragile"] == {"1": [0.37]} and rep["incoherent"] == {"2": 0.23}
+    text = "\n".join(reproduction_markdown({"em_reproduced": rep}))
+    assert "only by the draw on seed(s) [1]" in text and "seed 1: 0.56, reruns 0.37" in text
+    assert "incoherent above 0.1 on seed(s) [2]" in text and "seed 2: 0.230" in text
+    fragile, incoherent = summary_warnings({"em_reproduced": rep, "controls_per_seed": {}})
+    assert "seed(s) [1]" in fragile and "below 0.5" in fragile and "seed(s) [2]" in incoherent
+    # a seed below the threshold is not_reproduced, not fragile, whatever its reruns did
+    results[1]["conditions"]["none"] = _metrics(0.4)
+    rep = aggregate(cfg, results)["em_reproduced"]
+    assert rep["not_reproduced"] == [1] and rep["fragile"] == {}
+
+
 def test_stance_worlds_report_held_out_narrow_learning_as_a_share_of_none_s():
     """In a stance-word world the summary carries the held-out harm-word rate and the report divides each
     condition's by none's; a table world's report has no such section."""
