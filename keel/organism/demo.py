@@ -305,6 +305,9 @@ class DemoConfig:
             raise ValueError(f"noise_source must be one of {NOISE_SOURCES}, got {self.noise_source!r}.")
         if self.random_draw < 0:
             raise ValueError(f"random_draw must be >= 0 (0: the default draw), got {self.random_draw}.")
+        for name in ("em_threshold", "incoherent_max"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a rate in [0, 1], got {getattr(self, name)}.")
         if self.long_factor < 2:
             raise ValueError(
                 f"long_factor must be an integer >= 2 (times the fine-tune's steps), got {self.long_factor}."
@@ -1074,10 +1077,13 @@ def em_reproduction(results: list[dict], threshold: float, incoherent_max: float
     incoherently more than ``incoherent_max`` of the time (``incoherent``)."""
     none_em = {r["seed"]: r["conditions"][BASELINE]["heldout_misaligned"] for r in results}
     reruns_below = {
-        r["seed"]: [run["heldout_misaligned"] for run in r.get("noise", []) if run is not None]
+        r["seed"]: [
+            run["heldout_misaligned"]
+            for run in r.get("noise", [])
+            if run is not None and run["heldout_misaligned"] < threshold
+        ]
         for r in results
     }
-    reruns_below = {s: [em for em in ems if em < threshold] for s, ems in reruns_below.items()}
     incoherent = {r["seed"]: r["conditions"][BASELINE]["incoherent"] for r in results}
     return {
         "threshold": threshold,
@@ -1451,7 +1457,7 @@ def _fragile_markdown(rep: dict) -> list[str]:
         lines += [
             "",
             f"**EM reproduced only by the draw on seed(s) {[int(s) for s in fragile]}**: none reached "
-            f"{rep['threshold']:g}, but rerun(s) of it with other seeds fell below ({seeds}). Such a seed sits "
+            f"{rep['threshold']:g}, but rerun(s) of it (`noise_runs`) fell below ({seeds}). Such a seed sits "
             "at the threshold: a cut measured on it is a cut of a half-flipped persona.",
         ]
     if incoherent:

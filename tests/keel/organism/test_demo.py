@@ -316,6 +316,8 @@ def test_seeds_that_reproduced_em_only_by_the_draw_or_incoherently_are_flagged()
     assert "incoherent above 0.1 on seed(s) [2]" in text and "seed 2: 0.230" in text
     fragile, incoherent = summary_warnings({"em_reproduced": rep, "controls_per_seed": {}})
     assert "seed(s) [1]" in fragile and "below 0.5" in fragile and "seed(s) [2]" in incoherent
+    with pytest.raises(ValueError, match="incoherent_max must be a rate"):
+        DemoConfig(incoherent_max=1.5)
     # a seed below the threshold is not_reproduced, not fragile, whatever its reruns did
     results[1]["conditions"]["none"] = _metrics(0.4)
     rep = aggregate(cfg, results)["em_reproduced"]
