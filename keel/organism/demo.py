@@ -1414,8 +1414,7 @@ def reproduction_markdown(summary: dict) -> list[str]:
     conditions on them apart from the rest; then the seeds that reproduced only by the draw (a rerun of
     none fell below the threshold) and those whose none answers were too often incoherent. Empty when
     every seed reproduced EM, robustly and coherently."""
-    rep = summary["em_reproduced"]
-    return _not_reproduced_markdown(summary) + _fragile_markdown(rep)
+    return _not_reproduced_markdown(summary) + _fragile_or_incoherent_markdown(summary["em_reproduced"])
 
 
 def _not_reproduced_markdown(summary: dict) -> list[str]:
@@ -1446,7 +1445,7 @@ def _not_reproduced_markdown(summary: dict) -> list[str]:
     return lines
 
 
-def _fragile_markdown(rep: dict) -> list[str]:
+def _fragile_or_incoherent_markdown(rep: dict) -> list[str]:
     lines = []
     fragile, incoherent = rep.get("fragile", {}), rep.get("incoherent", {})
     if fragile:
